@@ -1,0 +1,3 @@
+"""polmjax: JAX-native post-training for large language models."""
+
+__version__ = "0.1.0"

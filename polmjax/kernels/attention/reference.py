@@ -1,0 +1,77 @@
+"""Attention in plain jnp: the reference every kernel is tested against, and the CPU path.
+
+GQA/MQA are computed by grouping query heads over their shared kv head (`[B, T, G, R, K]`), so K and V
+are never repeated in memory. Logits and softmax are float32 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def attention_mask(
+    T: int, S: int, *, causal: bool, q_offset, window: int | None, q_segment_BT=None, kv_segment_BS=None
+) -> jax.Array:
+    """Boolean [B or 1, T, S]: may query t see key s.
+
+    Query t sits at key index `q_offset + t`. causal: s <= q_offset + t. window W: q_offset + t - s < W
+    (a query sees W keys, itself included, as `transformers`' sliding windows). Segments: equal ids.
+    """
+    q_idx = (jnp.arange(T) + q_offset)[:, None]
+    k_idx = jnp.arange(S)[None, :]
+    mask = jnp.ones((T, S), dtype=bool)
+    if causal:
+        mask &= k_idx <= q_idx
+    if window is not None:
+        mask &= q_idx - k_idx < window
+        if not causal:
+            mask &= k_idx - q_idx < window
+    mask = mask[None]
+    if q_segment_BT is not None:
+        mask = mask & (q_segment_BT[:, :, None] == kv_segment_BS[:, None, :])
+    return mask
+
+
+def attention_reference(
+    q_BTHK: jax.Array,
+    k_BSGK: jax.Array,
+    v_BSGK: jax.Array,
+    *,
+    causal: bool = True,
+    q_segment_BT: jax.Array | None = None,
+    kv_segment_BS: jax.Array | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+    q_offset=None,
+) -> jax.Array:
+    """softmax(mask(softcap(scale * q k^T))) v, per kv group. Returns [B, T, H, K] in q's dtype.
+
+    A query that may see no key at all (possible only with segments or offsets) gets zeros.
+    """
+    B, T, H, K = q_BTHK.shape
+    S, G = k_BSGK.shape[1], k_BSGK.shape[2]
+    R = H // G
+    scale = K**-0.5 if scale is None else scale
+    q_offset = S - T if q_offset is None else q_offset
+    q_BTGRK = q_BTHK.reshape(B, T, G, R, K)
+    logits_BGRTS = jnp.einsum(
+        "btgrk,bsgk->bgrts", q_BTGRK, k_BSGK, preferred_element_type=jnp.float32
+    ) * jnp.float32(scale)
+    if softcap is not None:
+        logits_BGRTS = jnp.tanh(logits_BGRTS / softcap) * softcap
+    mask = attention_mask(T, S, causal=causal, q_offset=q_offset, window=window,
+                          q_segment_BT=q_segment_BT, kv_segment_BS=kv_segment_BS)
+    mask_B11TS = mask[:, None, None]
+    logits_BGRTS = jnp.where(mask_B11TS, logits_BGRTS, _MASKED)
+    m = jax.lax.stop_gradient(logits_BGRTS.max(axis=-1, keepdims=True))
+    p = jnp.exp(logits_BGRTS - m) * mask_B11TS
+    denom = p.sum(axis=-1, keepdims=True)
+    probs = p / jnp.where(denom == 0, 1.0, denom)
+    out_BTGRK = jnp.einsum(
+        "bgrts,bsgk->btgrk", probs.astype(v_BSGK.dtype), v_BSGK, preferred_element_type=jnp.float32
+    )
+    return out_BTGRK.reshape(B, T, H, K).astype(q_BTHK.dtype)

@@ -1,0 +1,428 @@
+"""The decoder: one parameter layout and one forward for every supported family.
+
+Shape legend: B batch, T query length, S key length, D model width, H query heads, G kv heads,
+K head dim, F MLP width, V vocabulary, L layers, N flattened tokens.
+
+Per-layer parameters are stacked along a leading L axis. The forward either unrolls the layers or
+(`scan_layers=True`) scans over groups of layers whose attention kinds repeat (Gemma 3: 5 local + 1
+global), so every layer still sees a static window and rope: one representation, two schedules.
+The pure functions (`init_params`, `forward_hidden`, `logits_from_hidden`) are what train steps use;
+`Decoder` is the Flax NNX module holding the parameters, the config and the mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from polmjax import mesh as mesh_lib
+from polmjax.kernels import attention
+from polmjax.models import rope as rope_lib
+from polmjax.models.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    init: str  # "normal" | "zeros" | "ones"
+
+
+def param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
+    """Every parameter: flat name ("layers/q" for stacked per-layer ones) -> shape, logical axes, init."""
+    D, F, H, G, K, V, L = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
+                           cfg.head_dim, cfg.vocab_size, cfg.num_layers)
+    norm_init = "zeros" if cfg.gemma_norm else "ones"
+    specs = {
+        "embed": ParamSpec((V, D), ("vocab", "embed"), "normal"),
+        "final_norm": ParamSpec((D,), ("norm",), norm_init),
+        "layers/attn_norm": ParamSpec((L, D), ("layers", "norm"), norm_init),
+        "layers/q": ParamSpec((L, D, H, K), ("layers", "embed", "heads", "head_dim"), "normal"),
+        "layers/k": ParamSpec((L, D, G, K), ("layers", "embed", "kv_heads", "head_dim"), "normal"),
+        "layers/v": ParamSpec((L, D, G, K), ("layers", "embed", "kv_heads", "head_dim"), "normal"),
+        "layers/o": ParamSpec((L, H, K, D), ("layers", "heads", "head_dim", "embed"), "normal"),
+        "layers/mlp_norm": ParamSpec((L, D), ("layers", "norm"), norm_init),
+        "layers/gate": ParamSpec((L, D, F), ("layers", "embed", "mlp"), "normal"),
+        "layers/up": ParamSpec((L, D, F), ("layers", "embed", "mlp"), "normal"),
+        "layers/down": ParamSpec((L, F, D), ("layers", "mlp", "embed"), "normal"),
+    }
+    if not cfg.tie_embeddings:
+        specs["lm_head"] = ParamSpec((D, V), ("embed", "vocab"), "normal")
+    if cfg.qkv_bias:
+        specs["layers/q_bias"] = ParamSpec((L, H, K), ("layers", "heads", "head_dim"), "zeros")
+        specs["layers/k_bias"] = ParamSpec((L, G, K), ("layers", "kv_heads", "head_dim"), "zeros")
+        specs["layers/v_bias"] = ParamSpec((L, G, K), ("layers", "kv_heads", "head_dim"), "zeros")
+    if cfg.o_bias:
+        specs["layers/o_bias"] = ParamSpec((L, D), ("layers", "norm"), "zeros")
+    if cfg.mlp_bias:
+        specs["layers/gate_bias"] = ParamSpec((L, F), ("layers", "mlp"), "zeros")
+        specs["layers/up_bias"] = ParamSpec((L, F), ("layers", "mlp"), "zeros")
+        specs["layers/down_bias"] = ParamSpec((L, D), ("layers", "norm"), "zeros")
+    if cfg.qk_norm:
+        specs["layers/q_norm"] = ParamSpec((L, K), ("layers", "head_dim"), norm_init)
+        specs["layers/k_norm"] = ParamSpec((L, K), ("layers", "head_dim"), norm_init)
+    if cfg.post_norms:
+        specs["layers/attn_post_norm"] = ParamSpec((L, D), ("layers", "norm"), norm_init)
+        specs["layers/mlp_post_norm"] = ParamSpec((L, D), ("layers", "norm"), norm_init)
+    return specs
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, std: float = 0.02) -> dict:
+    """Random parameters as a nested dict {"embed": ..., "layers": {"q": ...}} in cfg.param_dtype."""
+    flat = {}
+    specs = param_specs(cfg)
+    for i, (name, spec) in enumerate(sorted(specs.items())):
+        dtype = jnp.dtype(cfg.param_dtype)
+        if spec.init == "normal":
+            flat[name] = (std * jax.random.normal(jax.random.fold_in(key, i), spec.shape, jnp.float32)).astype(dtype)
+        else:
+            flat[name] = (jnp.zeros if spec.init == "zeros" else jnp.ones)(spec.shape, dtype)
+    return unflatten(flat)
+
+
+def unflatten(flat: dict) -> dict:
+    out: dict = {}
+    for name, value in flat.items():
+        *parents, leaf = name.split("/")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, name + "/"))
+        else:
+            out[name] = v
+    return out
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh, rules=None) -> dict:
+    """NamedShardings in the nested-dict layout of `init_params`."""
+    return unflatten({
+        name: mesh_lib.named_sharding(mesh, spec.axes, spec.shape, rules)
+        for name, spec in param_specs(cfg).items()
+    })
+
+
+class KVCache(NamedTuple):
+    """Preallocated keys/values of every layer for `S` positions, and how many are filled.
+
+    k, v: [L, B, S, G, K]; segment_ids: [B, S] (the segment of each written key); index: int32 scalar,
+    the slot the next token is written to (the same for every row: prompts are left-padded, and the pad
+    tokens get their own segment id so that nothing attends to them).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    segment_ids: jax.Array
+    index: jax.Array
+
+    @staticmethod
+    def create(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+        dtype = jnp.dtype(dtype or cfg.compute_dtype)
+        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                       jnp.full((batch, max_len), -1, jnp.int32), jnp.zeros((), jnp.int32))
+
+
+CACHE_AXES = ("layers", "act_batch", "cache_len", "act_kv_heads", "head_dim")
+
+
+class _Ctx(NamedTuple):
+    cfg: ModelConfig
+    mesh: Mesh | None
+    rules: dict | None
+
+    def constrain(self, x, *axes):
+        return mesh_lib.constrain(x, axes, self.mesh, self.rules)
+
+
+def forward_hidden(
+    cfg: ModelConfig,
+    params: dict,
+    input_ids_BT: jax.Array,
+    positions_BT: jax.Array | None = None,
+    segment_ids_BT: jax.Array | None = None,
+    cache: KVCache | None = None,
+    *,
+    mesh: Mesh | None = None,
+    rules=None,
+) -> tuple[jax.Array, KVCache | None]:
+    """Final hidden states [B, T, D] (after the final norm, in compute dtype), and the updated cache.
+
+    positions_BT default to 0..T-1 (cache.index + 0..T-1 with a cache); with packed documents pass
+    positions that restart per document and `segment_ids_BT` (documents never attend to each other).
+    """
+    ctx = _Ctx(cfg, mesh, rules)
+    B, T = input_ids_BT.shape
+    dtype = jnp.dtype(cfg.compute_dtype)
+    if positions_BT is None:
+        start = 0 if cache is None else cache.index
+        positions_BT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
+    if segment_ids_BT is None and cache is not None:
+        segment_ids_BT = jnp.ones((B, T), jnp.int32)
+
+    x_BTD = jnp.take(params["embed"], input_ids_BT, axis=0).astype(dtype)
+    if cfg.embed_scale:
+        x_BTD = x_BTD * jnp.asarray(math.sqrt(cfg.hidden_size), dtype)
+    x_BTD = ctx.constrain(x_BTD, "act_batch", "act_len", "act_embed")
+
+    ropes = {kind: rope_lib.cos_sin(positions_BT, cfg.rope_local if kind == "sliding" and cfg.rope_local
+                                    else cfg.rope, cfg.head_dim)
+             for kind in set(cfg.layer_types)}
+    if cache is not None:
+        kv_segment = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids_BT.astype(jnp.int32),
+                                                  (0, cache.index))
+        segments = (segment_ids_BT, kv_segment)
+    else:
+        segments = segment_ids_BT
+
+    def layer(kind, x, p, kv):
+        fn = functools.partial(_block, ctx, kind, segments=segments,
+                               q_offset=None if cache is None else cache.index)
+        if cfg.remat != "none":
+            fn = jax.checkpoint(fn, policy=_REMAT_POLICIES[cfg.remat])
+        return fn(x, p, ropes[kind], kv)
+
+    layers = params["layers"]
+    cache_kv = None if cache is None else (cache.k, cache.v)
+    x_BTD, cache_kv = _run_layers(cfg, layer, x_BTD, layers, cache_kv)
+    x_BTD = _rms_norm(cfg, x_BTD, params["final_norm"])
+    new_cache = None
+    if cache is not None:
+        new_cache = KVCache(cache_kv[0], cache_kv[1], kv_segment, cache.index + T)
+    return x_BTD, new_cache
+
+
+def unembed_matrix(cfg: ModelConfig, params: dict) -> jax.Array:
+    """[D, V]: the output projection (the embedding's transpose when tied)."""
+    return params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+
+
+def logits_from_hidden(cfg: ModelConfig, params: dict, x_BTD: jax.Array, mesh=None, rules=None) -> jax.Array:
+    """Float32 logits [B, T, V], with Gemma's final soft-cap."""
+    w_DV = unembed_matrix(cfg, params).astype(x_BTD.dtype)
+    logits = jnp.einsum("btd,dv->btv", x_BTD, w_DV, preferred_element_type=jnp.float32)
+    logits = mesh_lib.constrain(logits, ("act_batch", "act_len", "act_vocab"), mesh, rules)
+    if cfg.final_softcap is not None:
+        logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
+    return logits
+
+
+def layer_groups(cfg: ModelConfig) -> tuple[int, int]:
+    """(period, repeats): the layer kinds repeat every `period` layers, `repeats` whole times."""
+    L, types = cfg.num_layers, cfg.layer_types
+    period = next(p for p in range(1, L + 1) if all(types[i] == types[i % p] for i in range(L)))
+    return period, L // period
+
+
+def _run_layers(cfg, layer, x, layers, cache_kv):
+    L, types = cfg.num_layers, cfg.layer_types
+    if not cfg.scan_layers:
+        ks, vs = (None, None) if cache_kv is None else cache_kv
+        for i in range(L):
+            p = jax.tree.map(lambda a: a[i], layers)
+            kv = None if cache_kv is None else (ks[i], vs[i])
+            x, kv = layer(types[i], x, p, kv)
+            if kv is not None:
+                ks, vs = ks.at[i].set(kv[0]), vs.at[i].set(kv[1])
+        return x, (None if cache_kv is None else (ks, vs))
+
+    period, repeats = layer_groups(cfg)
+    n = period * repeats
+
+    def group(a):
+        return a[:n].reshape(repeats, period, *a.shape[1:])
+
+    def body(x, xs):
+        p_group, kv_group = xs
+        new_kv = []
+        for j in range(period):
+            p = jax.tree.map(lambda a: a[j], p_group)
+            kv = None if kv_group is None else (kv_group[0][j], kv_group[1][j])
+            x, kv = layer(types[j], x, p, kv)
+            new_kv.append(kv)
+        if kv_group is None:
+            return x, None
+        return x, (jnp.stack([kv[0] for kv in new_kv]), jnp.stack([kv[1] for kv in new_kv]))
+
+    kv_groups = None if cache_kv is None else jax.tree.map(group, cache_kv)
+    x, kv_out = jax.lax.scan(body, x, (jax.tree.map(group, layers), kv_groups))
+    tail_kv = []
+    for i in range(n, L):
+        p = jax.tree.map(lambda a: a[i], layers)
+        kv = None if cache_kv is None else (cache_kv[0][i], cache_kv[1][i])
+        x, kv = layer(types[i], x, p, kv)
+        tail_kv.append(kv)
+    if cache_kv is None:
+        return x, None
+    ks = jnp.concatenate([kv_out[0].reshape(n, *kv_out[0].shape[2:])] + [kv[0][None] for kv in tail_kv])
+    vs = jnp.concatenate([kv_out[1].reshape(n, *kv_out[1].shape[2:])] + [kv[1][None] for kv in tail_kv])
+    return x, (ks, vs)
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _block(ctx: _Ctx, kind: str, x_BTD, p: dict, cos_sin, kv, *, segments, q_offset):
+    """One decoder layer. kv: this layer's cache (k_BSGK, v_BSGK) or None. Returns (x, kv)."""
+    cfg = ctx.cfg
+    dtype = x_BTD.dtype
+
+    def w(name, ndim=None):  # parameter in compute dtype, left-padded with 1s to rank `ndim`
+        a = p[name].astype(dtype)
+        return a if ndim is None else a.reshape((1,) * (ndim - a.ndim) + a.shape)
+
+    h = _rms_norm(cfg, x_BTD, p["attn_norm"])
+    q = jnp.einsum("btd,dhk->bthk", h, w("q"))
+    k = jnp.einsum("btd,dgk->btgk", h, w("k"))
+    v = jnp.einsum("btd,dgk->btgk", h, w("v"))
+    if cfg.qkv_bias:
+        q, k, v = q + w("q_bias", 4), k + w("k_bias", 4), v + w("v_bias", 4)
+    if cfg.qk_norm:
+        q, k = _rms_norm(cfg, q, p["q_norm"]), _rms_norm(cfg, k, p["k_norm"])
+    q = rope_lib.apply_rope(q, *cos_sin)
+    k = rope_lib.apply_rope(k, *cos_sin)
+    q = ctx.constrain(q, "act_batch", "act_len", "act_heads", None)
+    k = ctx.constrain(k, "act_batch", "act_len", "act_kv_heads", None)
+    if kv is not None:
+        k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, q_offset, 0, 0)).astype(dtype)
+        v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, q_offset, 0, 0)).astype(dtype)
+        kv = (k.astype(kv[0].dtype), v.astype(kv[1].dtype))
+    a = attention(q, k, v, causal=True, segment_ids=segments, window=cfg.sliding_window if kind == "sliding"
+                  else None, softcap=cfg.attn_softcap, scale=cfg.attn_scale, q_offset=q_offset,
+                  impl=cfg.attention_impl)
+    a = jnp.einsum("bthk,hkd->btd", a, w("o"))
+    if cfg.o_bias:
+        a = a + w("o_bias", 3)
+    if cfg.post_norms:
+        a = _rms_norm(cfg, a, p["attn_post_norm"])
+    x_BTD = ctx.constrain(x_BTD + a, "act_batch", "act_len", "act_embed")
+
+    h = _rms_norm(cfg, x_BTD, p["mlp_norm"])
+    g = jnp.einsum("btd,df->btf", h, w("gate"))
+    u = jnp.einsum("btd,df->btf", h, w("up"))
+    if cfg.mlp_bias:
+        g, u = g + w("gate_bias", 3), u + w("up_bias", 3)
+    m = ctx.constrain(_ACTIVATIONS[cfg.activation](g) * u, "act_batch", "act_len", "act_mlp")
+    m = jnp.einsum("btf,fd->btd", m, w("down"))
+    if cfg.mlp_bias:
+        m = m + w("down_bias", 3)
+    if cfg.post_norms:
+        m = _rms_norm(cfg, m, p["mlp_post_norm"])
+    return ctx.constrain(x_BTD + m, "act_batch", "act_len", "act_embed"), kv
+
+
+_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+}
+
+
+def _rms_norm(cfg: ModelConfig, x, weight):
+    """RMSNorm over the last axis, statistics in float32.
+
+    Llama style: w * normed.astype(x.dtype). Gemma style: (normed * (1 + w)) in float32, then cast.
+    """
+    x32 = x.astype(jnp.float32)
+    weight = weight.reshape((1,) * (x.ndim - 1) + weight.shape)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.rms_norm_eps)
+    if cfg.gemma_norm:
+        return (normed * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
+    return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+class Decoder(nnx.Module):
+    """A decoder LM as a Flax NNX module: `model(input_ids)` -> float32 logits [B, T, V].
+
+    Parameters live in `model.embed`, `model.final_norm`, `model.lm_head` (untied) and `model.layers`
+    (stacked over layers). `nnx.split(model)` gives (graphdef, state) for pure train steps; the pure
+    functions of this module take `model.params()` directly.
+    """
+
+    def __init__(self, config: ModelConfig, params: dict, *, mesh: Mesh | None = None, rules=None,
+                 hf_config: dict | None = None):
+        self.config = config
+        self.mesh = mesh
+        self.rules = None if rules is None else tuple((k, tuple(v)) for k, v in dict(rules).items())
+        self.hf_config_json = None if hf_config is None else _dumps(hf_config)
+        expected = set(param_specs(config))
+        got = set(flatten(params))
+        if expected != got:
+            raise ValueError(f"Decoder: parameters missing {sorted(expected - got)}, unexpected {sorted(got - expected)}")
+        self.embed = nnx.Param(params["embed"])
+        self.final_norm = nnx.Param(params["final_norm"])
+        if not config.tie_embeddings:
+            self.lm_head = nnx.Param(params["lm_head"])
+        self.layers = nnx.Dict({k: nnx.Param(v) for k, v in params["layers"].items()})
+
+    @property
+    def rules_dict(self) -> dict | None:
+        return None if self.rules is None else dict(self.rules)
+
+    def params(self) -> dict:
+        """The parameters as a plain nested dict of arrays (the layout of `init_params`)."""
+        out = {"embed": self.embed[...], "final_norm": self.final_norm[...],
+               "layers": {k: v[...] for k, v in self.layers.items()}}
+        if not self.config.tie_embeddings:
+            out["lm_head"] = self.lm_head[...]
+        return out
+
+    def __call__(self, input_ids_BT, positions=None, segment_ids=None, cache: KVCache | None = None):
+        """Float32 logits [B, T, V]; with a cache, (logits, updated cache)."""
+        x, new_cache = self.hidden_states(input_ids_BT, positions, segment_ids, cache)
+        logits = logits_from_hidden(self.config, self.params(), x, self.mesh, self.rules_dict)
+        return logits if cache is None else (logits, new_cache)
+
+    def hidden_states(self, input_ids_BT, positions=None, segment_ids=None, cache: KVCache | None = None):
+        """(final hidden states [B, T, D], cache or None): what `token_logprobs` consumes."""
+        return forward_hidden(self.config, self.params(), input_ids_BT, positions, segment_ids, cache,
+                              mesh=self.mesh, rules=self.rules_dict)
+
+    def unembed(self) -> jax.Array:
+        """[D, V] output projection, without computing any logits."""
+        return unembed_matrix(self.config, self.params())
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+        cache = KVCache.create(self.config, batch, max_len, dtype)
+        if self.mesh is None:
+            return cache
+        put = lambda a, axes: jax.device_put(  # noqa: E731
+            a, mesh_lib.named_sharding(self.mesh, axes, a.shape, self.rules_dict))
+        return KVCache(put(cache.k, CACHE_AXES), put(cache.v, CACHE_AXES),
+                       put(cache.segment_ids, ("act_batch", "cache_len")), cache.index)
+
+
+def create(cfg: ModelConfig, seed: int = 0, mesh: Mesh | None = None, rules=None) -> Decoder:
+    """A randomly initialised model; with a mesh each parameter is created directly in its shard."""
+    key = jax.random.key(seed)
+    if mesh is None:
+        return Decoder(cfg, init_params(cfg, key))
+    shardings = param_shardings(cfg, mesh, rules)
+    params = jax.jit(functools.partial(init_params, cfg), out_shardings=shardings)(key)
+    return Decoder(cfg, params, mesh=mesh, rules=rules)
+
+
+def _dumps(d: dict) -> str:
+    import json
+
+    return json.dumps(d, sort_keys=True, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
