@@ -49,12 +49,18 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
 Rules = Mapping[str, Sequence[str]]
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
+def make_mesh(data: int | None = None, fsdp: int | None = None, tensor: int | None = None,
+              devices: Sequence | None = None) -> Mesh:
     """A mesh with axes (data, fsdp, tensor); one size may be -1 to take the remaining devices.
+
+    Unset axes are 1, except fsdp, which takes the remaining devices when no axis is -1.
 
     Axis types are Auto: shardings are propagated by the compiler from the annotations we place.
     """
     devices = list(jax.devices() if devices is None else devices)
+    if fsdp is None:
+        fsdp = 1 if -1 in (data, tensor) else -1
+    data, tensor = (1 if data is None else data), (1 if tensor is None else tensor)
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
         raise ValueError(f"make_mesh: at most one axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
