@@ -35,6 +35,7 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "kv_heads": ("tensor",),
     "head_dim": (),
     "norm": (),
+    "lora_rank": (),
     # activations
     "act_batch": ("data", "fsdp"),
     "act_len": (),

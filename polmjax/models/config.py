@@ -54,6 +54,35 @@ class RopeConfig:
             raise ConfigError(f"rope_type {self.type!r} is not supported; supported: {ROPE_TYPES}")
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+PEFT_MODULE_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj",
+                     "up": "up_proj", "down": "down_proj"}
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters (Hu et al., 2021): W x + (alpha / rank) * B A dropout(x), B initialised to 0.
+
+    targets: projections to adapt, by our names (q, k, v, o, gate, up, down) or PEFT names (q_proj, ...).
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q", "k", "v", "o")
+
+    def __post_init__(self):
+        by_peft = {v: k for k, v in PEFT_MODULE_NAMES.items()}
+        targets = tuple(by_peft.get(t, t) for t in self.targets)
+        bad = [t for t in targets if t not in LORA_TARGETS]
+        if bad:
+            raise ConfigError(f"lora targets {bad} unknown; choose from {LORA_TARGETS} or {tuple(by_peft)}")
+        if self.rank < 1 or not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora: rank must be >= 1 and 0 <= dropout < 1, got rank={self.rank} "
+                              f"dropout={self.dropout}")
+        object.__setattr__(self, "targets", targets)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """A decoder-only transformer. Field names follow the shape legend in `polmjax.models`."""
@@ -91,6 +120,7 @@ class ModelConfig:
     scan_layers: bool = False
     attention_impl: str = "auto"
     logprob_impl: str = "auto"
+    lora: LoraConfig | None = None  # adapters (the base parameters are then frozen by the trainer)
 
     def __post_init__(self):
         if self.family not in FAMILIES:

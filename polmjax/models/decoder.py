@@ -33,7 +33,8 @@ from polmjax.models.config import ModelConfig
 class ParamSpec:
     shape: tuple[int, ...]
     axes: tuple[str | None, ...]
-    init: str  # "normal" | "zeros" | "ones"
+    init: str  # "normal" | "zeros" | "ones" | "lora_a" (kaiming-uniform over the input dims, as PEFT)
+    dtype: str | None = None  # None: cfg.param_dtype; LoRA adapters are float32
 
 
 def param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
@@ -72,6 +73,15 @@ def param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
     if cfg.post_norms:
         specs["layers/attn_post_norm"] = ParamSpec((L, D), ("layers", "norm"), norm_init)
         specs["layers/mlp_post_norm"] = ParamSpec((L, D), ("layers", "norm"), norm_init)
+    if cfg.lora is not None:
+        for name in cfg.lora.targets:
+            base = specs[f"layers/{name}"]
+            n_in = len(PROJECTIONS[name][1])
+            r = cfg.lora.rank
+            specs[f"layers/{name}_lora_a"] = ParamSpec(
+                base.shape[: 1 + n_in] + (r,), base.axes[: 1 + n_in] + ("lora_rank",), "lora_a", "float32")
+            specs[f"layers/{name}_lora_b"] = ParamSpec(
+                (L, r) + base.shape[1 + n_in:], ("layers", "lora_rank") + base.axes[1 + n_in:], "zeros", "float32")
     return specs
 
 
@@ -80,9 +90,13 @@ def init_params(cfg: ModelConfig, key: jax.Array, std: float = 0.02) -> dict:
     flat = {}
     specs = param_specs(cfg)
     for i, (name, spec) in enumerate(sorted(specs.items())):
-        dtype = jnp.dtype(cfg.param_dtype)
+        dtype = jnp.dtype(spec.dtype or cfg.param_dtype)
+        k = jax.random.fold_in(key, i)
         if spec.init == "normal":
-            flat[name] = (std * jax.random.normal(jax.random.fold_in(key, i), spec.shape, jnp.float32)).astype(dtype)
+            flat[name] = (std * jax.random.normal(k, spec.shape, jnp.float32)).astype(dtype)
+        elif spec.init == "lora_a":  # PEFT: kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+            bound = 1.0 / math.sqrt(math.prod(spec.shape[1:-1]))
+            flat[name] = jax.random.uniform(k, spec.shape, jnp.float32, -bound, bound).astype(dtype)
         else:
             flat[name] = (jnp.zeros if spec.init == "zeros" else jnp.ones)(spec.shape, dtype)
     return unflatten(flat)
@@ -161,9 +175,11 @@ def forward_hidden(
     *,
     mesh: Mesh | None = None,
     rules=None,
+    dropout_rng: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """Final hidden states [B, T, D] (after the final norm, in compute dtype), and the updated cache.
 
+    dropout_rng: enables LoRA dropout (training); None = deterministic.
     positions_BT default to 0..T-1 (cache.index + 0..T-1 with a cache); with packed documents pass
     positions that restart per document and `segment_ids_BT` (documents never attend to each other).
     """
@@ -191,12 +207,13 @@ def forward_hidden(
     else:
         segments = segment_ids_BT
 
-    def layer(kind, x, p, kv):
+    def layer(kind, x, p, kv, index):
         fn = functools.partial(_block, ctx, kind, segments=segments,
                                q_offset=None if cache is None else cache.index)
         if cfg.remat != "none":
             fn = jax.checkpoint(fn, policy=_REMAT_POLICIES[cfg.remat])
-        return fn(x, p, ropes[kind], kv)
+        rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
+        return fn(x, p, ropes[kind], kv, rng)
 
     layers = params["layers"]
     cache_kv = None if cache is None else (cache.k, cache.v)
@@ -237,7 +254,7 @@ def _run_layers(cfg, layer, x, layers, cache_kv):
         for i in range(L):
             p = jax.tree.map(lambda a: a[i], layers)
             kv = None if cache_kv is None else (ks[i], vs[i])
-            x, kv = layer(types[i], x, p, kv)
+            x, kv = layer(types[i], x, p, kv, i)
             if kv is not None:
                 ks, vs = ks.at[i].set(kv[0]), vs.at[i].set(kv[1])
         return x, (None if cache_kv is None else (ks, vs))
@@ -249,24 +266,25 @@ def _run_layers(cfg, layer, x, layers, cache_kv):
         return a[:n].reshape(repeats, period, *a.shape[1:])
 
     def body(x, xs):
-        p_group, kv_group = xs
+        p_group, kv_group, first = xs
         new_kv = []
         for j in range(period):
             p = jax.tree.map(lambda a: a[j], p_group)
             kv = None if kv_group is None else (kv_group[0][j], kv_group[1][j])
-            x, kv = layer(types[j], x, p, kv)
+            x, kv = layer(types[j], x, p, kv, first + j)
             new_kv.append(kv)
         if kv_group is None:
             return x, None
         return x, (jnp.stack([kv[0] for kv in new_kv]), jnp.stack([kv[1] for kv in new_kv]))
 
     kv_groups = None if cache_kv is None else jax.tree.map(group, cache_kv)
-    x, kv_out = jax.lax.scan(body, x, (jax.tree.map(group, layers), kv_groups))
+    firsts = jnp.arange(repeats, dtype=jnp.int32) * period
+    x, kv_out = jax.lax.scan(body, x, (jax.tree.map(group, layers), kv_groups, firsts))
     tail_kv = []
     for i in range(n, L):
         p = jax.tree.map(lambda a: a[i], layers)
         kv = None if cache_kv is None else (cache_kv[0][i], cache_kv[1][i])
-        x, kv = layer(types[i], x, p, kv)
+        x, kv = layer(types[i], x, p, kv, i)
         tail_kv.append(kv)
     if cache_kv is None:
         return x, None
@@ -282,8 +300,18 @@ _REMAT_POLICIES = {
 }
 
 
-def _block(ctx: _Ctx, kind: str, x_BTD, p: dict, cos_sin, kv, *, segments, q_offset):
-    """One decoder layer. kv: this layer's cache (k_BSGK, v_BSGK) or None. Returns (x, kv)."""
+# projection -> (input subscripts, weight input subscripts, weight output subscripts); b, t, r are reserved
+PROJECTIONS = {
+    "q": ("btd", "d", "hk"), "k": ("btd", "d", "gk"), "v": ("btd", "d", "gk"), "o": ("bthk", "hk", "d"),
+    "gate": ("btd", "d", "f"), "up": ("btd", "d", "f"), "down": ("btf", "f", "d"),
+}
+_PROJ_IDS = {name: i for i, name in enumerate(PROJECTIONS)}
+
+
+def _block(ctx: _Ctx, kind: str, x_BTD, p: dict, cos_sin, kv, rng, *, segments, q_offset):
+    """One decoder layer. kv: this layer's cache (k_BSGK, v_BSGK) or None; rng: LoRA dropout key or None.
+
+    Returns (x, kv)."""
     cfg = ctx.cfg
     dtype = x_BTD.dtype
 
@@ -291,10 +319,21 @@ def _block(ctx: _Ctx, kind: str, x_BTD, p: dict, cos_sin, kv, *, segments, q_off
         a = p[name].astype(dtype)
         return a if ndim is None else a.reshape((1,) * (ndim - a.ndim) + a.shape)
 
+    def proj(name, x):  # x @ W, plus the LoRA path scale * dropout(x) @ A @ B when adapters exist
+        x_sub, in_sub, out_sub = PROJECTIONS[name]
+        y = jnp.einsum(f"{x_sub},{in_sub}{out_sub}->bt{out_sub}", x, w(name))
+        if f"{name}_lora_a" not in p:
+            return y
+        lora = cfg.lora
+        if lora.dropout > 0 and rng is not None:
+            keep = jax.random.bernoulli(jax.random.fold_in(rng, _PROJ_IDS[name]), 1 - lora.dropout, x.shape)
+            x = jnp.where(keep, x / (1 - lora.dropout), 0).astype(x.dtype)
+        xa = jnp.einsum(f"{x_sub},{in_sub}r->btr", x, w(f"{name}_lora_a"))
+        return y + jnp.einsum(f"btr,r{out_sub}->bt{out_sub}", xa, w(f"{name}_lora_b")) * jnp.asarray(
+            lora.alpha / lora.rank, dtype)
+
     h = _rms_norm(cfg, x_BTD, p["attn_norm"])
-    q = jnp.einsum("btd,dhk->bthk", h, w("q"))
-    k = jnp.einsum("btd,dgk->btgk", h, w("k"))
-    v = jnp.einsum("btd,dgk->btgk", h, w("v"))
+    q, k, v = proj("q", h), proj("k", h), proj("v", h)
     if cfg.qkv_bias:
         q, k, v = q + w("q_bias", 4), k + w("k_bias", 4), v + w("v_bias", 4)
     if cfg.qk_norm:
@@ -310,7 +349,7 @@ def _block(ctx: _Ctx, kind: str, x_BTD, p: dict, cos_sin, kv, *, segments, q_off
     a = attention(q, k, v, causal=True, segment_ids=segments, window=cfg.sliding_window if kind == "sliding"
                   else None, softcap=cfg.attn_softcap, scale=cfg.attn_scale, q_offset=q_offset,
                   impl=cfg.attention_impl)
-    a = jnp.einsum("bthk,hkd->btd", a, w("o"))
+    a = proj("o", a)
     if cfg.o_bias:
         a = a + w("o_bias", 3)
     if cfg.post_norms:
@@ -318,12 +357,11 @@ def _block(ctx: _Ctx, kind: str, x_BTD, p: dict, cos_sin, kv, *, segments, q_off
     x_BTD = ctx.constrain(x_BTD + a, "act_batch", "act_len", "act_embed")
 
     h = _rms_norm(cfg, x_BTD, p["mlp_norm"])
-    g = jnp.einsum("btd,df->btf", h, w("gate"))
-    u = jnp.einsum("btd,df->btf", h, w("up"))
+    g, u = proj("gate", h), proj("up", h)
     if cfg.mlp_bias:
         g, u = g + w("gate_bias", 3), u + w("up_bias", 3)
     m = ctx.constrain(_ACTIVATIONS[cfg.activation](g) * u, "act_batch", "act_len", "act_mlp")
-    m = jnp.einsum("btf,fd->btd", m, w("down"))
+    m = proj("down", m)
     if cfg.mlp_bias:
         m = m + w("down_bias", 3)
     if cfg.post_norms:

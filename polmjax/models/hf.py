@@ -80,8 +80,7 @@ def tensor_map(cfg: ModelConfig) -> dict[str, _Tensor]:
         m["layers/mlp_post_norm"] = _Tensor(lay + "post_feedforward_layernorm.weight", same, same)
     else:
         m["layers/mlp_norm"] = _Tensor(lay + "post_attention_layernorm.weight", same, same)
-    specs = param_specs(cfg)
-    return {name: m[name] for name in specs}
+    return {name: m[name] for name in param_specs(cfg.replace(lora=None))}
 
 
 def _named(t: _Tensor, hf_name: str) -> _Tensor:
@@ -99,6 +98,8 @@ def from_pretrained(
     *,
     compute_dtype=None,
     rules=None,
+    lora=None,
+    lora_seed: int = 0,
     **execution,
 ) -> Decoder:
     """Load an HF model directory into a (sharded) `Decoder`.
@@ -107,6 +108,7 @@ def from_pretrained(
       path: directory with config.json and model.safetensors (or sharded files + index).
       dtype: parameter dtype. compute_dtype: activation dtype (default: dtype).
       mesh: place parameters with the logical-axis rules on this mesh (default: one device).
+      lora: a LoraConfig: add fresh adapters (B = 0, so the model is unchanged until trained).
       execution: other ModelConfig execution fields (remat, scan_layers, attention_impl, ...).
     """
     path = os.fspath(path)
@@ -124,7 +126,12 @@ def from_pretrained(
         sharding = (SingleDeviceSharding(jax.devices()[0]) if mesh is None
                     else mesh_lib.named_sharding(mesh, spec.axes, spec.shape, rules))
         flat[name] = _load_param(cfg, name, spec.shape, tmap[name], files, sharding, jnp.dtype(dtype))
-    return Decoder(cfg, unflatten(flat), mesh=mesh, rules=rules, hf_config=raw_config)
+    model = Decoder(cfg, unflatten(flat), mesh=mesh, rules=rules, hf_config=raw_config)
+    if lora is not None:
+        from polmjax.models.lora import add_adapters
+
+        model = add_adapters(model, lora, seed=lora_seed)
+    return model
 
 
 def save_pretrained(model: Decoder, out_dir: str | os.PathLike, *, max_shard_size: int | str = "5GB",
@@ -134,6 +141,10 @@ def save_pretrained(model: Decoder, out_dir: str | os.PathLike, *, max_shard_siz
     Files above `max_shard_size` bytes are split into model-0000k-of-0000n.safetensors with an index.
     Only process 0 writes; every process must call this (gathering sharded arrays is collective).
     """
+    if model.config.lora is not None:
+        from polmjax.models.lora import merge
+
+        model = merge(model)  # an HF model directory has no adapters: W + (alpha / r) B A
     cfg = model.config
     out_dir = os.fspath(out_dir)
     dtype = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
