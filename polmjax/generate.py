@@ -1,0 +1,79 @@
+"""Sampling with a preallocated KV cache: left-padded prompts, greedy or temperature / top-k sampling.
+
+Static shapes throughout (prompt length P, `max_new_tokens`), so one compile serves every call of the
+same size. Pad tokens get segment id 0 and prompt tokens 1, so nothing attends to padding; positions
+count real tokens only, as if each prompt had been run alone.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from polmjax.models.config import ModelConfig
+from polmjax.models.decoder import KVCache, forward_hidden, logits_from_hidden
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [B, P], mask [B, P]) with each prompt right-aligned."""
+    P = length or max(len(p) for p in prompts)
+    ids = np.full((len(prompts), P), pad_id, np.int32)
+    mask = np.zeros((len(prompts), P), np.int32)
+    for i, p in enumerate(prompts):
+        if len(p) > P:
+            raise ValueError(f"prompt {i} has {len(p)} tokens, more than the prompt length {P}")
+        if len(p):
+            ids[i, P - len(p):] = p
+            mask[i, P - len(p):] = 1
+    return ids, mask
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "eos_id", "pad_id",
+                                             "mesh", "rules"))
+def generate(cfg: ModelConfig, params: dict, prompt_ids_BP, prompt_mask_BP, rng=None, *, max_new_tokens: int,
+             eos_id: int, pad_id: int = 0, temperature: float = 0.0, top_k: int | None = None, mesh=None,
+             rules=None):
+    """Returns (tokens [B, max_new_tokens] int32, valid [B, max_new_tokens] bool).
+
+    A row stops after its first `eos_id` (included in the output, marked valid); later slots hold pad_id.
+    temperature 0 is greedy; otherwise sample from softmax(logits / temperature), optionally top-k.
+    """
+    B, P = prompt_ids_BP.shape
+    rng = jax.random.key(0) if rng is None else rng
+    mask = prompt_mask_BP.astype(jnp.int32)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    cache = KVCache.create(cfg, B, P + max_new_tokens)
+    hidden, cache = forward_hidden(cfg, params, prompt_ids_BP, positions, mask, cache, mesh=mesh, rules=rules)
+    logits = logits_from_hidden(cfg, params, hidden[:, -1:], mesh, rules)[:, 0]
+    next_pos = mask.sum(axis=1)
+
+    def body(t, carry):
+        logits, cache, pos, done, tokens, valid, rng = carry
+        rng, key = jax.random.split(rng)
+        tok = _sample(logits, key, temperature, top_k)
+        tok = jnp.where(done, pad_id, tok)
+        tokens = tokens.at[:, t].set(tok)
+        valid = valid.at[:, t].set(~done)
+        done = done | (tok == eos_id)
+        hidden, cache = forward_hidden(cfg, params, tok[:, None], pos[:, None], jnp.ones((B, 1), jnp.int32),
+                                       cache, mesh=mesh, rules=rules)
+        logits = logits_from_hidden(cfg, params, hidden, mesh, rules)[:, 0]
+        return logits, cache, pos + 1, done, tokens, valid, rng
+
+    init = (logits, cache, next_pos, jnp.zeros((B,), bool), jnp.full((B, max_new_tokens), pad_id, jnp.int32),
+            jnp.zeros((B, max_new_tokens), bool), rng)
+    _, _, _, _, tokens, valid, _ = jax.lax.fori_loop(0, max_new_tokens, body, init)
+    return tokens, valid
+
+
+def _sample(logits_BV, key, temperature: float, top_k: int | None):
+    if temperature == 0.0:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    logits = logits_BV / temperature
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
