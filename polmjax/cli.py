@@ -1,9 +1,11 @@
 """polmjax command line.
 
+  polmjax sft EXPERIMENT.py [--set key=value ...]   supervised fine-tuning (resumes from run_dir if present)
   polmjax demo [--out DIR]              build a tiny Llama-style model, save it as an HF directory, reload it
                                         sharded over every local device, print logits, decode with a KV cache
   polmjax logits MODEL_DIR [--ids 1,2,3] load an HF model directory and print its next-token predictions
 """
+
 
 from __future__ import annotations
 
@@ -12,11 +14,19 @@ import os
 import sys
 import time
 
+# command -> (module, experiment class, run function)
+ALGORITHMS = {"sft": ("polmjax.train.sft", "SFTExperiment", "run")}
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="polmjax", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    for name in ALGORITHMS:
+        p = sub.add_parser(name, help=f"{name.upper()} training from an experiment file")
+        p.add_argument("experiment", help="experiments/<algo>/<name>.py")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config field, e.g. --set train.steps=100 (repeatable)")
     demo = sub.add_parser("demo", help="tiny end-to-end check of models, HF interop, sharding and decoding")
     demo.add_argument("--out", default="runs/demo", help="where the HF model directory is written")
     logits = sub.add_parser("logits", help="print next-token predictions of an HF model directory")
@@ -27,9 +37,29 @@ def main(argv: list[str] | None = None) -> int:
     from polmjax.mesh import initialize_distributed
 
     initialize_distributed()
+    if args.command in ALGORITHMS:
+        return _train(args.command, args.experiment, args.overrides)
     if args.command == "demo":
         return _demo(args.out)
     return _logits(args.model_dir, [int(t) for t in args.ids.split(",")], args.dtype)
+
+
+def _train(command: str, experiment: str, overrides: list[str]) -> int:
+    import importlib
+    import logging
+
+    from polmjax.config import load_experiment
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file operation at INFO
+    module_name, class_name, fn_name = ALGORITHMS[command]
+    module = importlib.import_module(module_name)
+    cfg = load_experiment(experiment, overrides)
+    if not isinstance(cfg, getattr(module, class_name)):
+        raise SystemExit(f"{experiment}: config() returns {type(cfg).__name__}, but `polmjax {command}` needs "
+                         f"{class_name}")
+    result = getattr(module, fn_name)(cfg)
+    return 3 if result.preempted else 0
 
 
 def _demo(out: str) -> int:

@@ -6,17 +6,36 @@ in/out shardings and `donate_argnums=0`; a test can call it un-jitted on CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
+import logging
+import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from polmjax import config as config_lib
+from polmjax import mesh as mesh_lib
+from polmjax.checkpoint import Checkpointer
+from polmjax.data import DataConfig, SFTPipeline, toy
+from polmjax.generate import generate, left_pad
 from polmjax.kernels import token_logprobs
+from polmjax.logging import MetricsLogger, device_peak_flops, train_flops_per_token
 from polmjax.losses import sft_loss, token_weights
-from polmjax.models.config import ModelConfig
-from polmjax.models.decoder import forward_hidden, unembed_matrix
-from polmjax.train.state import TrainState, combine_params
+from polmjax.mesh import initialize_distributed, make_mesh
+from polmjax.models import lora as lora_lib
+from polmjax.models.config import LoraConfig, ModelConfig
+from polmjax.models.decoder import Decoder, create, forward_hidden, unembed_matrix
+from polmjax.models.hf import from_pretrained, save_pretrained
+from polmjax.train.config import MeshConfig, ModelSource, TrainConfig
+from polmjax.train.loop import LoopResult, train_loop
+from polmjax.train.optim import OptimConfig, make_optimizer
+from polmjax.train.state import TrainState, combine_params, init_state_sharded, state_shardings
+
+log = logging.getLogger("polmjax")
 
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "positions", "segment_ids")
 
@@ -103,3 +122,179 @@ def jit_sft_step(state_shardings, frozen_shardings, batch_sharding, **static):
         out_shardings=(state_shardings, None),
         donate_argnums=(0,),
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# The run: experiment config -> trained model in run_dir
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTExperiment:
+    """`polmjax sft experiments/sft/<name>.py`: everything an SFT run needs."""
+
+    model: ModelSource
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    optim: OptimConfig = OptimConfig()
+    mesh: MeshConfig = MeshConfig()
+    lora: LoraConfig | None = None
+    reduction: str = "token"  # token | sequence (see polmjax.losses.sft)
+
+    def validate(self):
+        if self.reduction not in ("token", "sequence"):
+            raise ValueError(f"reduction={self.reduction!r}; expected token or sequence")
+        if self.train.eval_every and not self.data.eval_fraction:
+            raise ValueError("train.eval_every > 0 needs data.eval_fraction > 0 (a held-out split)")
+
+
+def run(exp: SFTExperiment) -> LoopResult:
+    """Train, checkpointing and resuming in exp.train.run_dir; export and print samples at the end."""
+    initialize_distributed()
+    tc = exp.train
+    os.makedirs(tc.run_dir, exist_ok=True)
+    is_writer = jax.process_index() == 0
+    if is_writer:
+        config_lib.dump(exp, os.path.join(tc.run_dir, "config.json"))
+    mesh = make_mesh(exp.mesh.data, exp.mesh.fsdp, exp.mesh.tensor)
+    tokenizer = load_tokenizer(exp.model, tc.run_dir)
+    data_cfg = resolve_toy_data(exp.data, tc.run_dir, tc.seed)
+    model = load_model(exp.model, exp.lora, tokenizer, mesh, tc.seed)
+    cfg = model.config
+    params = model.params()
+    trainable, frozen = lora_lib.split(params) if exp.lora else (params, {})
+    optimizer, schedule = make_optimizer(exp.optim, tc.steps)
+    state = init_state_sharded(trainable, optimizer, tc.seed, mesh)
+    del params, model
+
+    pipe = SFTPipeline(data_cfg, tokenizer, global_batch=tc.global_batch, seq_len=tc.seq_len, split="train",
+                       process_index=jax.process_index(), process_count=jax.process_count())
+    batch_sharding = mesh_lib.named_sharding(mesh, ("act_batch", "act_len"), (tc.global_batch, tc.seq_len))
+    frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
+    step_fn = jit_sft_step(state_shardings(state), frozen_shardings, batch_sharding, model_cfg=cfg,
+                           optimizer=optimizer, schedule=schedule, reduction=exp.reduction,
+                           grad_accum=tc.grad_accum, mesh=mesh)
+
+    def put_batch(batch):
+        return {k: jax.make_array_from_process_local_data(batch_sharding, batch[k]) for k in BATCH_KEYS}
+
+    eval_fn = None
+    if tc.eval_every:
+        eval_pipe = SFTPipeline(data_cfg, tokenizer, global_batch=tc.global_batch, seq_len=tc.seq_len,
+                                split="eval", process_index=jax.process_index(),
+                                process_count=jax.process_count())
+        eval_step = jax.jit(functools.partial(eval_nll, model_cfg=cfg, mesh=mesh))
+
+        def eval_fn(state):
+            nll, tokens = 0.0, 0.0
+            for i, batch in enumerate(iter(eval_pipe)):
+                if i == tc.eval_batches:
+                    break
+                n, t = jax.device_get(eval_step(state.params, frozen, put_batch(batch)))
+                nll, tokens = nll + float(n), tokens + float(t)
+            return {"loss": nll / max(tokens, 1.0), "tokens": tokens}
+
+    logger = MetricsLogger(tc.run_dir, total_steps=tc.steps, use_tensorboard=tc.tensorboard,
+                           wandb_project=tc.wandb_project, config=config_lib.to_dict(exp), is_writer=is_writer)
+    checkpointer = Checkpointer(os.path.abspath(os.path.join(tc.run_dir, "checkpoints")), save_every=tc.save_every, keep=tc.keep,
+                                async_save=tc.async_save)
+    try:
+        result = train_loop(
+            state=state, step_fn=lambda s, b: step_fn(s, frozen, b), batches=iter(pipe), put_batch=put_batch,
+            total_steps=tc.steps, checkpointer=checkpointer, logger=logger, log_every=tc.log_every,
+            eval_every=tc.eval_every, eval_fn=eval_fn, tokens_per_step=tc.global_batch * tc.seq_len,
+            flops_per_step=train_flops_per_token(cfg, tc.seq_len) * tc.global_batch * tc.seq_len,
+            peak_flops=device_peak_flops(jax.devices()[0].device_kind),
+        )
+        if not result.preempted:
+            final = combine_params(result.state.params, frozen)
+            final_model = Decoder(cfg, final, mesh=mesh, hf_config=hf_config_of(exp.model, cfg))
+            if tc.export_hf:
+                export(final_model, tokenizer, tc.run_dir, exp.model.path)
+            if tc.sample_prompts:
+                show_samples(final_model, tokenizer, tc.sample_prompts, tc.max_new_tokens, tc.run_dir, is_writer)
+        return result
+    finally:
+        checkpointer.close()
+        logger.close()
+
+
+def eval_nll(params, frozen, batch, *, model_cfg, mesh=None):
+    """(sum of -log p over loss tokens, number of loss tokens) of one batch."""
+    mb = dict(batch, weights=batch["loss_mask"].astype(jnp.float32))
+    return micro_batch_loss(model_cfg, combine_params(params, frozen), mb, mesh=mesh), mb["weights"].sum()
+
+
+def load_tokenizer(src: ModelSource, run_dir: str):
+    import transformers
+
+    if src.tokenizer == "toy":
+        return toy.build_tokenizer(os.path.join(run_dir, "tokenizer"))
+    return transformers.AutoTokenizer.from_pretrained(src.tokenizer or src.path, local_files_only=True)
+
+
+def resolve_toy_data(data: DataConfig, run_dir: str, seed: int) -> DataConfig:
+    """`path="toy:sft"` (or "toy:sft_prompt_completion") writes the offline toy dataset into run_dir/data."""
+    if not data.path.startswith("toy:"):
+        return data
+    kind = data.path[4:]
+    fmt = {"sft": "messages", "sft_prompt_completion": "prompt_completion"}.get(kind)
+    if fmt is None:
+        raise ValueError(f"data.path={data.path!r}: toy datasets are toy:sft and toy:sft_prompt_completion")
+    path = os.path.join(run_dir, "data", f"{kind}.jsonl")
+    if jax.process_index() == 0 and not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        toy.write_toy_sft_dataset(path, n=4000, seed=seed, format=fmt)
+    return dataclasses.replace(data, path=path)
+
+
+def load_model(src: ModelSource, lora: LoraConfig | None, tokenizer, mesh, seed: int) -> Decoder:
+    if src.path:
+        return from_pretrained(src.path, dtype=jnp.dtype(src.dtype), mesh=mesh, compute_dtype=jnp.dtype(src.compute_dtype),
+                               lora=lora, lora_seed=seed, **src.execution)
+    init = src.init
+    if init.vocab_size == 0:
+        init = init.replace(vocab_size=len(tokenizer))
+    if init.vocab_size < len(tokenizer):
+        raise ValueError(f"model.init.vocab_size={init.vocab_size} is smaller than the tokenizer ({len(tokenizer)})")
+    cfg = init.replace(param_dtype=src.dtype, compute_dtype=src.compute_dtype, **src.execution)
+    model = create(cfg, seed=seed, mesh=mesh)
+    return lora_lib.add_adapters(model, lora, seed=seed) if lora else model
+
+
+def hf_config_of(src: ModelSource, cfg: ModelConfig) -> dict | None:
+    if not src.path:
+        return None
+    with open(os.path.join(src.path, "config.json")) as f:
+        return json.load(f)
+
+
+def export(model: Decoder, tokenizer, run_dir: str, base_path: str) -> None:
+    out = os.path.join(run_dir, "export")
+    if model.config.lora is not None:
+        lora_lib.save_peft_adapter(model, os.path.join(out, "adapter"), base_model_name_or_path=base_path)
+    save_pretrained(model, os.path.join(out, "hf"))  # merges adapters
+    if jax.process_index() == 0:
+        tokenizer.save_pretrained(os.path.join(out, "hf"))
+    log.info("exported %s", os.path.join(out, "hf"))
+
+
+def show_samples(model: Decoder, tokenizer, prompts, max_new_tokens, run_dir, is_writer) -> list[str]:
+    """Greedy generations for chat prompts; printed and written to run_dir/samples.jsonl."""
+    encoded = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                             tokenize=True, return_dict=False) for p in prompts]
+    encoded = [list(e["input_ids"]) if isinstance(e, dict) else list(e) for e in encoded]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids, mask = left_pad(encoded, pad)
+    tokens, valid = generate(model.config, model.params(), ids, mask, max_new_tokens=max_new_tokens,
+                             eos_id=tokenizer.eos_token_id, pad_id=pad)
+    outs = []
+    for p, t, v in zip(prompts, np.asarray(tokens), np.asarray(valid)):
+        text = tokenizer.decode(t[v], skip_special_tokens=True)
+        outs.append(text)
+        if is_writer:
+            print(f"  sample  {p!r} -> {text!r}", flush=True)
+    if is_writer:
+        with open(os.path.join(run_dir, "samples.jsonl"), "w") as f:
+            for p, o in zip(prompts, outs):
+                f.write(json.dumps({"prompt": p, "completion": o}) + "\n")
+    return outs
