@@ -125,7 +125,7 @@ class ModelConfig:
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ConfigError(f"model family {self.family!r} is not supported; supported: {FAMILIES}")
-        if not self.layer_types:
+        if set(self.layer_types) <= {"full"}:  # () or all-full: nothing but a count, so follow num_layers
             object.__setattr__(self, "layer_types", ("full",) * self.num_layers)
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
         if len(self.layer_types) != self.num_layers:
