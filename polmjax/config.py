@@ -64,8 +64,44 @@ def to_dict(cfg: Any) -> Any:
 
 
 def dump(cfg: Any, path: str) -> None:
+    """Write the resolved config as JSON, with its class under "_type" so `load_run_config` can rebuild it."""
+    out = {"_type": f"{type(cfg).__module__}:{type(cfg).__qualname__}", **to_dict(cfg)}
     with open(path, "w") as f:
-        json.dump(to_dict(cfg), f, indent=2, sort_keys=True)
+        json.dump(out, f, indent=2, sort_keys=True)
+
+
+def load_run_config(run_dir: str) -> Any:
+    """The experiment config a run was started with (its run_dir/config.json), as a typed object."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        raise ConfigError(f"{run_dir}: no config.json (not a polmjax run directory)")
+    with open(path) as f:
+        d = json.load(f)
+    module, name = d.pop("_type").split(":")
+    return from_dict(getattr(importlib.import_module(module), name), d)
+
+
+def from_dict(cls, d: dict) -> Any:
+    """Rebuild a (nested) dataclass from `to_dict` output."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in d:
+            kwargs[f.name] = _from_value(d[f.name], hints[f.name])
+    return cls(**kwargs)
+
+
+def _from_value(value, hint):
+    if value is None:
+        return None
+    for t in _args(hint):
+        origin = typing.get_origin(t) or t
+        if dataclasses.is_dataclass(origin) and isinstance(value, dict):
+            return from_dict(origin, value)
+        if origin is tuple and isinstance(value, list):
+            (item_t, *_) = typing.get_args(t) or (Any,)
+            return tuple(v if item_t in (Any, Ellipsis) else _from_value(v, item_t) for v in value)
+    return value
 
 
 def _set(obj: Any, keys: list[str], raw: str, full: str) -> Any:

@@ -91,6 +91,28 @@ def _named(t: _Tensor, hf_name: str) -> _Tensor:
 _IGNORABLE = re.compile(r".*rotary_emb\.inv_freq$")
 
 
+def resolve_model_path(path: str | os.PathLike) -> str:
+    """A local HF directory for `path`: the directory itself, or a hub repo id downloaded to the HF cache.
+
+    Only config, safetensors and tokenizer files are fetched. Offline (HF_HUB_OFFLINE=1) a repo id must
+    already be in the cache.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return path
+    if path.count("/") != 1 or path.startswith((".", "/")):
+        raise FileNotFoundError(f"{path}: not a model directory (nor a hub repo id like 'Qwen/Qwen3-1.7B')")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"])
+    except Exception as e:  # noqa: BLE001 - the hub raises many kinds; the message says what to do
+        raise FileNotFoundError(
+            f"{path}: not a local directory, and downloading it from the hub failed ({type(e).__name__}: {e}); "
+            "pass a local HF model directory or go online (HF_HUB_OFFLINE unset)"
+        ) from e
+
+
 def from_pretrained(
     path: str | os.PathLike,
     dtype=jnp.float32,
@@ -105,13 +127,13 @@ def from_pretrained(
     """Load an HF model directory into a (sharded) `Decoder`.
 
     Args:
-      path: directory with config.json and model.safetensors (or sharded files + index).
+      path: directory with config.json and model.safetensors (or sharded files + index), or a hub repo id.
       dtype: parameter dtype. compute_dtype: activation dtype (default: dtype).
       mesh: place parameters with the logical-axis rules on this mesh (default: one device).
       lora: a LoraConfig: add fresh adapters (B = 0, so the model is unchanged until trained).
       execution: other ModelConfig execution fields (remat, scan_layers, attention_impl, ...).
     """
-    path = os.fspath(path)
+    path = resolve_model_path(path)
     cfg = from_hf_config(
         path, param_dtype=jnp.dtype(dtype).name, compute_dtype=jnp.dtype(compute_dtype or dtype).name, **execution
     )

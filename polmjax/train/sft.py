@@ -29,7 +29,7 @@ from polmjax.mesh import initialize_distributed, make_mesh
 from polmjax.models import lora as lora_lib
 from polmjax.models.config import LoraConfig, ModelConfig
 from polmjax.models.decoder import Decoder, create, forward_hidden, unembed_matrix
-from polmjax.models.hf import from_pretrained, save_pretrained
+from polmjax.models.hf import from_pretrained, resolve_model_path, save_pretrained
 from polmjax.train.config import MeshConfig, ModelSource, TrainConfig
 from polmjax.train.loop import LoopResult, train_loop
 from polmjax.train.optim import OptimConfig, make_optimizer
@@ -229,7 +229,7 @@ def load_tokenizer(src: ModelSource, run_dir: str):
 
     if src.tokenizer == "toy":
         return toy.build_tokenizer(os.path.join(run_dir, "tokenizer"))
-    return transformers.AutoTokenizer.from_pretrained(src.tokenizer or src.path, local_files_only=True)
+    return transformers.AutoTokenizer.from_pretrained(resolve_model_path(src.tokenizer or src.path))
 
 
 def resolve_toy_data(data: DataConfig, run_dir: str, seed: int) -> DataConfig:
@@ -264,7 +264,7 @@ def load_model(src: ModelSource, lora: LoraConfig | None, tokenizer, mesh, seed:
 def hf_config_of(src: ModelSource, cfg: ModelConfig) -> dict | None:
     if not src.path:
         return None
-    with open(os.path.join(src.path, "config.json")) as f:
+    with open(os.path.join(resolve_model_path(src.path), "config.json")) as f:
         return json.load(f)
 
 
