@@ -1,6 +1,7 @@
 """polmjax command line.
 
   polmjax sft EXPERIMENT.py [--set key=value ...]   supervised fine-tuning (resumes from run_dir if present)
+  polmjax export RUN_DIR [--step N] [--out DIR]    a checkpoint as an HF model directory (+ PEFT adapter)
   polmjax demo [--out DIR]              build a tiny Llama-style model, save it as an HF directory, reload it
                                         sharded over every local device, print logits, decode with a KV cache
   polmjax logits MODEL_DIR [--ids 1,2,3] load an HF model directory and print its next-token predictions
@@ -29,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
                        help="override a config field, e.g. --set train.steps=100 (repeatable)")
     demo = sub.add_parser("demo", help="tiny end-to-end check of models, HF interop, sharding and decoding")
     demo.add_argument("--out", default="runs/demo", help="where the HF model directory is written")
+    exp = sub.add_parser("export", help="export a run's checkpoint as an HF model directory (+ PEFT adapter)")
+    exp.add_argument("run_dir")
+    exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest readable)")
+    exp.add_argument("--out", default=None, help="output directory (default: RUN_DIR/export/step_<step>)")
     logits = sub.add_parser("logits", help="print next-token predictions of an HF model directory")
     logits.add_argument("model_dir")
     logits.add_argument("--ids", default="1,2,3,4", help="comma-separated input token ids")
@@ -39,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     initialize_distributed()
     if args.command in ALGORITHMS:
         return _train(args.command, args.experiment, args.overrides)
+    if args.command == "export":
+        from polmjax.train.sft import export_run
+
+        print(export_run(args.run_dir, args.step, args.out))
+        return 0
     if args.command == "demo":
         return _demo(args.out)
     return _logits(args.model_dir, [int(t) for t in args.ids.split(",")], args.dtype)

@@ -112,3 +112,27 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, caplog):
     sft.run(_cfg(ref, "train.steps=6"))
     assert _losses(tmp_path) == _losses(ref)
     shutil.rmtree(ref)
+
+
+def test_export_any_checkpoint(tmp_path):
+    import numpy as np
+    import transformers
+
+    result = sft.run(_cfg(tmp_path, "train.steps=4", "lora.rank=4", "lora.targets=[\"q\",\"up\"]"))
+    out = sft.export_run(str(tmp_path), step=2)
+    assert out.endswith("step_2") and os.path.exists(os.path.join(out, "adapter", "adapter_config.json"))
+    with pytest.raises(Exception, match="no checkpoint step 3"):
+        sft.export_run(str(tmp_path), step=3)
+    latest = sft.export_run(str(tmp_path))  # newest: step 4 == the final state
+    hf = transformers.AutoModelForCausalLM.from_pretrained(latest)
+    ids = np.random.RandomState(0).randint(3, 300, (1, 12))
+    with __import__("torch").no_grad():
+        ref = hf(input_ids=__import__("torch").as_tensor(ids)).logits.numpy()
+    from polmjax.models import lora as lora_lib
+    from polmjax.train.state import combine_params
+
+    exp = config_lib.load_run_config(str(tmp_path))
+    model = sft.load_model(exp.model, exp.lora, transformers.AutoTokenizer.from_pretrained(latest), None, 0)
+    model = models.Decoder(model.config, combine_params(jax.device_get(result.state.params),
+                                                        lora_lib.split(model.params())[1]))
+    np.testing.assert_allclose(np.asarray(model(ids)), ref, atol=1e-4, rtol=0)

@@ -73,7 +73,7 @@ def train_loop(
                 logger.log(step, eval_fn(state), split="eval")
             extra = {"data": batches.get_state()}
             checkpointer.save(step, state, extra=extra)
-            if guard.requested:
+            if guard.should_stop(step):
                 log.warning("preemption requested at step %d: saving and exiting", step)
                 checkpointer.save(step, state, extra=extra, force=True)
                 checkpointer.wait()

@@ -158,13 +158,7 @@ def run(exp: SFTExperiment) -> LoopResult:
     mesh = make_mesh(exp.mesh.data, exp.mesh.fsdp, exp.mesh.tensor)
     tokenizer = load_tokenizer(exp.model, tc.run_dir)
     data_cfg = resolve_toy_data(exp.data, tc.run_dir, tc.seed)
-    model = load_model(exp.model, exp.lora, tokenizer, mesh, tc.seed)
-    cfg = model.config
-    params = model.params()
-    trainable, frozen = lora_lib.split(params) if exp.lora else (params, {})
-    optimizer, schedule = make_optimizer(exp.optim, tc.steps)
-    state = init_state_sharded(trainable, optimizer, tc.seed, mesh)
-    del params, model
+    cfg, state, frozen, optimizer, schedule = initial_state(exp, tokenizer, mesh)
 
     pipe = SFTPipeline(data_cfg, tokenizer, global_batch=tc.global_batch, seq_len=tc.seq_len, split="train",
                        process_index=jax.process_index(), process_count=jax.process_count())
@@ -218,6 +212,38 @@ def run(exp: SFTExperiment) -> LoopResult:
         logger.close()
 
 
+def initial_state(exp: SFTExperiment, tokenizer, mesh):
+    """(model config, train state, frozen params, optimizer, schedule) before any training."""
+    model = load_model(exp.model, exp.lora, tokenizer, mesh, exp.train.seed)
+    params = model.params()
+    trainable, frozen = lora_lib.split(params) if exp.lora else (params, {})
+    optimizer, schedule = make_optimizer(exp.optim, exp.train.steps)
+    state = init_state_sharded(trainable, optimizer, exp.train.seed, mesh)
+    return model.config, state, frozen, optimizer, schedule
+
+
+def export_run(run_dir: str, step: int | None = None, out: str | None = None) -> str:
+    """Export checkpoint `step` (default: the newest readable) of an SFT run directory as an HF model
+    (and the PEFT adapter for LoRA runs) into `out` (default run_dir/export/step_<step>)."""
+    exp = config_lib.load_run_config(run_dir)
+    if not isinstance(exp, SFTExperiment):
+        raise ValueError(f"{run_dir} is a {type(exp).__name__} run, not SFT")
+    exp = dataclasses.replace(exp, train=dataclasses.replace(exp.train, run_dir=run_dir))
+    mesh = make_mesh(exp.mesh.data, exp.mesh.fsdp, exp.mesh.tensor)
+    tokenizer = load_tokenizer(exp.model, run_dir)
+    cfg, state, frozen, _, _ = initial_state(exp, tokenizer, mesh)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    with Checkpointer(os.path.abspath(os.path.join(run_dir, "checkpoints")), async_save=False) as ckpt:
+        restored = ckpt.restore(abstract, step=step)
+    if restored is None:
+        raise FileNotFoundError(f"{run_dir}: no checkpoints to export")
+    step, state, _ = restored
+    out = out or os.path.join(run_dir, "export", f"step_{step}")
+    model = Decoder(cfg, combine_params(state.params, frozen), mesh=mesh, hf_config=hf_config_of(exp.model, cfg))
+    export(model, tokenizer, out, exp.model.path, subdirs=False)
+    return out
+
+
 def eval_nll(params, frozen, batch, *, model_cfg, mesh=None):
     """(sum of -log p over loss tokens, number of loss tokens) of one batch."""
     mb = dict(batch, weights=batch["loss_mask"].astype(jnp.float32))
@@ -228,7 +254,10 @@ def load_tokenizer(src: ModelSource, run_dir: str):
     import transformers
 
     if src.tokenizer == "toy":
-        return toy.build_tokenizer(os.path.join(run_dir, "tokenizer"))
+        path = os.path.join(run_dir, "tokenizer")
+        if os.path.exists(os.path.join(path, "tokenizer.json")):  # resuming / exporting: the same tokenizer
+            return transformers.AutoTokenizer.from_pretrained(path)
+        return toy.build_tokenizer(path)
     return transformers.AutoTokenizer.from_pretrained(resolve_model_path(src.tokenizer or src.path))
 
 
@@ -268,14 +297,18 @@ def hf_config_of(src: ModelSource, cfg: ModelConfig) -> dict | None:
         return json.load(f)
 
 
-def export(model: Decoder, tokenizer, run_dir: str, base_path: str) -> None:
-    out = os.path.join(run_dir, "export")
+def export(model: Decoder, tokenizer, run_dir: str, base_path: str, subdirs: bool = True) -> None:
+    """HF model (adapters merged) + tokenizer into <run_dir>/export/hf, PEFT adapter into export/adapter.
+
+    subdirs=False: `run_dir` is the output directory itself (HF model there, adapter in adapter/)."""
+    out = os.path.join(run_dir, "export") if subdirs else run_dir
+    hf_dir = os.path.join(out, "hf") if subdirs else out
     if model.config.lora is not None:
         lora_lib.save_peft_adapter(model, os.path.join(out, "adapter"), base_model_name_or_path=base_path)
-    save_pretrained(model, os.path.join(out, "hf"))  # merges adapters
+    save_pretrained(model, hf_dir)  # merges adapters
     if jax.process_index() == 0:
-        tokenizer.save_pretrained(os.path.join(out, "hf"))
-    log.info("exported %s", os.path.join(out, "hf"))
+        tokenizer.save_pretrained(hf_dir)
+    log.info("exported %s", hf_dir)
 
 
 def show_samples(model: Decoder, tokenizer, prompts, max_new_tokens, run_dir, is_writer) -> list[str]:
