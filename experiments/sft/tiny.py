@@ -23,9 +23,9 @@ def config() -> SFTExperiment:
             tokenizer="toy",
         ),
         data=DataConfig(path="toy:sft", packing="best_fit", eval_fraction=0.05),
-        train=TrainConfig(run_dir="runs/sft_tiny", steps=300, global_batch=16, seq_len=128, log_every=25,
+        train=TrainConfig(run_dir="runs/sft_tiny", steps=400, global_batch=32, seq_len=128, log_every=25,
                           eval_every=100, eval_batches=2, save_every=100, keep=2,
                           sample_prompts=("add 12 and 30", "reverse: c a t", "sort: 3 1 2")),
-        optim=OptimConfig(name="adamw", lr=3e-3, schedule="cosine", warmup_steps=20, weight_decay=0.01),
+        optim=OptimConfig(name="adamw", lr=5e-3, schedule="cosine", warmup_steps=20, weight_decay=0.01),
         mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
     )
