@@ -20,3 +20,4 @@ def test_tiny_sft_step_compiles_and_fits(topology):
     report = compile_sft_step(os.path.join(ROOT, "experiments", "sft", "tiny.py"), topology,
                               ["mesh.fsdp=2", "mesh.data=2", "lora.rank=4"])
     assert report["fits"] and report["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
+    assert report["pallas_kernel_calls"] >= 2  # the fused log-prob kernels (forward, backward) in shard_map

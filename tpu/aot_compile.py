@@ -88,6 +88,7 @@ def compile_sft_step(experiment: str, topology: str, overrides=()) -> dict:
         "total_per_device_GiB": round(total / 2**30, 3),
         "hbm_GiB": None if hbm is None else round(hbm / 2**30, 1),
         "fits": hbm is None or total <= hbm,
+        "pallas_kernel_calls": compiled.as_text().count('custom_call_target="tpu_custom_call"'),
     }
 
 

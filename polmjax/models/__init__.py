@@ -14,6 +14,7 @@ from polmjax.models.decoder import (
     logits_from_hidden,
     param_shardings,
     param_specs,
+    target_logprobs,
     unembed_matrix,
 )
 from polmjax.models.hf import from_pretrained, save_pretrained
@@ -22,5 +23,5 @@ from polmjax.models.safetensors_io import CheckpointError
 __all__ = [
     "CheckpointError", "ConfigError", "Decoder", "KVCache", "ModelConfig", "RopeConfig", "create",
     "forward_hidden", "from_hf_config", "from_pretrained", "init_params", "logits_from_hidden",
-    "param_shardings", "param_specs", "save_pretrained", "to_hf_config", "unembed_matrix",
+    "param_shardings", "param_specs", "save_pretrained", "target_logprobs", "to_hf_config", "unembed_matrix",
 ]

@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 
 from polmjax import mesh as mesh_lib
 from polmjax.kernels import attention
+from polmjax.kernels.logprobs import token_logprobs, token_logprobs_sharded
 from polmjax.models import rope as rope_lib
 from polmjax.models.config import ModelConfig
 
@@ -238,6 +239,30 @@ def logits_from_hidden(cfg: ModelConfig, params: dict, x_BTD: jax.Array, mesh=No
     if cfg.final_softcap is not None:
         logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
     return logits
+
+
+def target_logprobs(cfg: ModelConfig, params: dict, hidden_BTD: jax.Array, targets_BT: jax.Array, *,
+                    mesh: Mesh | None = None, temperature: float = 1.0, return_entropy: bool = False):
+    """log p(target) [B, T] float32 (and the entropy [B, T]) through the fused `token_logprobs` kernel.
+
+    The one place every loss gets its log-probs: [B, T, V] logits are never formed. On a mesh with a
+    Pallas backend the kernel runs under shard_map (tokens over data/fsdp, vocab over tensor when it
+    divides); `cfg.logprob_impl="auto"` picks the backend from the mesh's devices.
+    """
+    B, T, D = hidden_BTD.shape
+    h_ND, t_N, w_DV = hidden_BTD.reshape(B * T, D), targets_BT.reshape(B * T), unembed_matrix(cfg, params)
+    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+    impl = cfg.logprob_impl
+    if impl == "auto":
+        impl = {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu"}.get(platform, "xla")
+    kw = dict(temperature=temperature, softcap=cfg.final_softcap, return_entropy=return_entropy, impl=impl)
+    if mesh is None or impl == "xla":
+        out = token_logprobs(h_ND, w_DV, t_N, **kw)
+    else:
+        tensor = mesh.shape.get("tensor", 1)
+        vocab_axis = "tensor" if tensor > 1 and w_DV.shape[1] % tensor == 0 else None
+        out = token_logprobs_sharded(h_ND, w_DV, t_N, mesh=mesh, vocab_axis=vocab_axis, **kw)
+    return jax.tree.map(lambda x: x.reshape(B, T), out)
 
 
 def layer_groups(cfg: ModelConfig) -> tuple[int, int]:

@@ -22,13 +22,12 @@ from polmjax import mesh as mesh_lib
 from polmjax.checkpoint import Checkpointer
 from polmjax.data import DataConfig, SFTPipeline, toy
 from polmjax.generate import generate, left_pad
-from polmjax.kernels import token_logprobs
 from polmjax.logging import MetricsLogger, device_peak_flops, train_flops_per_token
 from polmjax.losses import sft_loss, token_weights
 from polmjax.mesh import initialize_distributed, make_mesh
 from polmjax.models import lora as lora_lib
 from polmjax.models.config import LoraConfig, ModelConfig
-from polmjax.models.decoder import Decoder, create, forward_hidden, unembed_matrix
+from polmjax.models.decoder import Decoder, create, forward_hidden, target_logprobs
 from polmjax.models.hf import from_pretrained, resolve_model_path, save_pretrained
 from polmjax.train.config import MeshConfig, ModelSource, TrainConfig
 from polmjax.train.loop import LoopResult, train_loop
@@ -102,11 +101,8 @@ def micro_batch_loss(model_cfg: ModelConfig, params: dict, mb: dict, *, mesh=Non
     """sum_t w_t * (-log p(target_t)) over one micro-batch, from hidden states through `token_logprobs`."""
     hidden_BTD, _ = forward_hidden(model_cfg, params, mb["input_ids"], mb["positions"], mb["segment_ids"],
                                    mesh=mesh, rules=rules, dropout_rng=dropout_rng)
-    B, T, D = hidden_BTD.shape
-    lp_N = token_logprobs(hidden_BTD.reshape(B * T, D), unembed_matrix(model_cfg, params),
-                          mb["targets"].reshape(B * T), softcap=model_cfg.final_softcap,
-                          impl=model_cfg.logprob_impl)
-    return sft_loss(lp_N.reshape(B, T), mb["weights"]).sum()
+    lp_BT = target_logprobs(model_cfg, params, hidden_BTD, mb["targets"], mesh=mesh)
+    return sft_loss(lp_BT, mb["weights"]).sum()
 
 
 def _micro(x, n):
