@@ -118,8 +118,9 @@ class ModelConfig:
     compute_dtype: str = "float32"
     remat: str = "none"
     scan_layers: bool = False
-    attention_impl: str = "auto"
-    logprob_impl: str = "auto"
+    attention_impl: str = "auto"  # auto | xla | pallas_tpu | pallas_gpu | cudnn
+    logprob_impl: str = "auto"  # auto | xla | pallas_tpu | pallas_gpu
+    kernel_interpret: bool = False  # run the Pallas kernels in interpret mode (CPU debugging and tests)
     lora: LoraConfig | None = None  # adapters (the base parameters are then frozen by the trainer)
 
     def __post_init__(self):

@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from polmjax import mesh as mesh_lib
-from polmjax.kernels import attention
+from polmjax.kernels.attention import attention, attention_sharded
 from polmjax.kernels.logprobs import token_logprobs, token_logprobs_sharded
 from polmjax.models import rope as rope_lib
 from polmjax.models.config import ModelConfig
@@ -165,6 +165,23 @@ class _Ctx(NamedTuple):
     def constrain(self, x, *axes):
         return mesh_lib.constrain(x, axes, self.mesh, self.rules)
 
+    def attention(self, q, k, v, **kw):
+        """`attention` with cfg.attention_impl; Pallas kernels on a mesh run per device under shard_map."""
+        impl = _resolve_impl(self.cfg.attention_impl, self.mesh)
+        if impl.startswith("pallas"):
+            kw["interpret"] = self.cfg.kernel_interpret
+        if self.mesh is None or impl in ("xla", "cudnn"):
+            return attention(q, k, v, impl=impl, **kw)
+        return attention_sharded(q, k, v, mesh=self.mesh, impl=impl, **kw)
+
+
+def _resolve_impl(impl: str, mesh: Mesh | None) -> str:
+    """"auto" -> the Pallas backend of the devices the computation runs on (the mesh's), else xla."""
+    if impl != "auto":
+        return impl
+    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+    return {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu"}.get(platform, "xla")
+
 
 def forward_hidden(
     cfg: ModelConfig,
@@ -251,11 +268,10 @@ def target_logprobs(cfg: ModelConfig, params: dict, hidden_BTD: jax.Array, targe
     """
     B, T, D = hidden_BTD.shape
     h_ND, t_N, w_DV = hidden_BTD.reshape(B * T, D), targets_BT.reshape(B * T), unembed_matrix(cfg, params)
-    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
-    impl = cfg.logprob_impl
-    if impl == "auto":
-        impl = {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu"}.get(platform, "xla")
+    impl = _resolve_impl(cfg.logprob_impl, mesh)
     kw = dict(temperature=temperature, softcap=cfg.final_softcap, return_entropy=return_entropy, impl=impl)
+    if impl.startswith("pallas"):
+        kw["interpret"] = cfg.kernel_interpret
     if mesh is None or impl == "xla":
         out = token_logprobs(h_ND, w_DV, t_N, **kw)
     else:
@@ -371,9 +387,9 @@ def _block(ctx: _Ctx, kind: str, x_BTD, p: dict, cos_sin, kv, rng, *, segments, 
         k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, q_offset, 0, 0)).astype(dtype)
         v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, q_offset, 0, 0)).astype(dtype)
         kv = (k.astype(kv[0].dtype), v.astype(kv[1].dtype))
-    a = attention(q, k, v, causal=True, segment_ids=segments, window=cfg.sliding_window if kind == "sliding"
-                  else None, softcap=cfg.attn_softcap, scale=cfg.attn_scale, q_offset=q_offset,
-                  impl=cfg.attention_impl)
+    a = ctx.attention(q, k, v, causal=True, segment_ids=segments,
+                      window=cfg.sliding_window if kind == "sliding" else None, softcap=cfg.attn_softcap,
+                      scale=cfg.attn_scale, q_offset=q_offset)
     a = proj("o", a)
     if cfg.o_bias:
         a = a + w("o_bias", 3)
