@@ -22,7 +22,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 
 from polmjax import mesh as mesh_lib
 from polmjax.models.config import ModelConfig, from_hf_config, to_hf_config
-from polmjax.models.decoder import Decoder, param_specs, unflatten
+from polmjax.models.decoder import Decoder, flatten, param_specs, unflatten
 from polmjax.models.safetensors_io import CheckpointError, SafetensorsFile, write_file
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ def save_pretrained(model: Decoder, out_dir: str | os.PathLike, *, max_shard_siz
     base = json.loads(model.hf_config_json) if model.hf_config_json else None
     hf_cfg = to_hf_config(cfg.replace(param_dtype=dtype.name), base)
     tmap = tensor_map(cfg)
-    params = {name: value for name, value in _flat_params(model).items()}
+    params = flatten(model.params())
 
     plan = []  # (hf name, shape, dtype, our name, layer or None)
     for name, arr in params.items():
@@ -308,12 +308,6 @@ def _load_param(cfg, name, shape, m: _Tensor, ckpt: _Checkpoint, sharding, dtype
         return np.stack([np.asarray(read(m.hf_name.format(i=i))[index[1:]]).astype(np_dtype) for i in layers])
 
     return jax.make_array_from_callback(shape, sharding, callback)
-
-
-def _flat_params(model: Decoder) -> dict[str, jax.Array]:
-    from polmjax.models.decoder import flatten
-
-    return flatten(model.params())
 
 
 def _split_plan(plan: list, limit: int) -> list[tuple[str, list]]:
