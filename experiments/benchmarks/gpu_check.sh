@@ -9,4 +9,4 @@ python -c "import jax; print(jax.__version__, jax.devices())"
 # kernel tests against the references, compiled for the real GPU (interpret=False where the tests allow)
 timeout 240 python -m pytest -q -x tests/test_attention_kernels.py tests/test_logprobs.py -k "not tpu" 2>&1 | tail -5
 timeout 300 python experiments/benchmarks/kernels.py
-timeout 120 python experiments/benchmarks/sft_throughput.py --polmjax-only 2>&1 | tail -15
+timeout 180 python experiments/benchmarks/sft_throughput.py --only polmjax 2>&1 | tail -15

@@ -80,10 +80,13 @@ def sft_step(
         grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
         return (loss_sum + loss, grad_sum), None
 
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-    (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros),
-                                    (micro, jnp.arange(grad_accum)))
-    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+    if grad_accum == 1:  # no accumulator buffers: one params-sized read and write fewer per step
+        loss, grads = grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), 0)
+    else:
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros),
+                                        (micro, jnp.arange(grad_accum)))
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {

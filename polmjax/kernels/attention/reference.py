@@ -68,9 +68,10 @@ def attention_reference(
     mask_B11TS = mask[:, None, None]
     logits_BGRTS = jnp.where(mask_B11TS, logits_BGRTS, _MASKED)
     m = jax.lax.stop_gradient(logits_BGRTS.max(axis=-1, keepdims=True))
-    p = jnp.exp(logits_BGRTS - m) * mask_B11TS
-    denom = p.sum(axis=-1, keepdims=True)
-    probs = p / jnp.where(denom == 0, 1.0, denom)
+    m = jnp.where(m == _MASKED, 0.0, m)  # a row that sees nothing: exp(_MASKED) = 0 everywhere
+    probs = jnp.exp(logits_BGRTS - m)
+    denom = probs.sum(axis=-1, keepdims=True)
+    probs = probs / jnp.where(denom == 0, 1.0, denom)
     out_BTGRK = jnp.einsum(
         "bgrts,bsgk->btgrk", probs.astype(v_BSGK.dtype), v_BSGK, preferred_element_type=jnp.float32
     )
