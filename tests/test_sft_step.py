@@ -144,3 +144,32 @@ def test_decay_mask():
     mask = decay_mask(models.init_params(CFG.replace(qkv_bias=True), jax.random.key(0)))
     assert mask["layers"]["q"] and mask["lm_head"] and not mask["embed"]
     assert not mask["layers"]["attn_norm"] and not mask["final_norm"] and not mask["layers"]["q_bias"]
+
+
+@pytest.mark.parametrize("name", ["adamw", "lion", "adafactor"])
+def test_each_optimizer_lowers_the_loss(name):
+    opt, schedule = make_optimizer(OptimConfig(name=name, lr=3e-3 if name == "lion" else 1e-2, warmup_steps=0,
+                                               schedule="constant", weight_decay=0.01), 10)
+    state = init_state(models.init_params(CFG, jax.random.key(0)), opt, seed=0)
+    batch = _unpacked_batch(_docs(4))
+    step = jax.jit(lambda s, b: sft_step(s, {}, b, model_cfg=CFG, optimizer=opt))
+    losses = []
+    for _ in range(8):
+        state, m = step(state, batch)
+        losses.append(float(m["loss"]))
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_schedule_warmup_then_cosine():
+    _, schedule = make_optimizer(OptimConfig(lr=1.0, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1), 110)
+    np.testing.assert_allclose([float(schedule(s)) for s in (0, 5, 10, 60, 110)], [0, 0.5, 1.0, 0.55, 0.1],
+                               atol=1e-6)
+
+
+def test_bf16_compute_keeps_fp32_master_weights():
+    state, opt, _ = _setup()
+    batch = _unpacked_batch(_docs(5))
+    _, ref = sft_step(state, {}, batch, model_cfg=CFG, optimizer=opt)
+    new, got = sft_step(state, {}, batch, model_cfg=CFG.replace(compute_dtype="bfloat16"), optimizer=opt)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(new.params))
+    np.testing.assert_allclose(float(got["loss"]), float(ref["loss"]), rtol=1e-2)
