@@ -15,12 +15,11 @@ the same shapes. A benchmark, not a test: absolute numbers mean something only o
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
+from polmjax.bench import median_ms
 from polmjax.kernels.attention.ops import attention
 
 
@@ -81,21 +80,10 @@ def _measure(impl, B, T, H, K, args):
     for key, fn in (("fwd", forward), ("fwd_bwd", forward_backward)):
         try:
             compiled = jax.jit(fn).lower(q, k, v, dout).compile()
-            row[key] = _time(compiled, (q, k, v, dout), args.warmup, args.iters)
+            row[key] = median_ms(compiled, (q, k, v, dout), args.warmup, args.iters)
         except Exception as e:  # out of memory for the reference at long T, cuDNN unavailable, ...
             print(f"  {impl} K={K} T={T} {key}: failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
     return row
-
-
-def _time(compiled, args, warmup, iters):
-    for _ in range(warmup):
-        jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def _fmt(x):

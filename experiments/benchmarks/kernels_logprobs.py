@@ -13,14 +13,13 @@ something only on a GPU or TPU.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from polmjax.kernels import token_logprobs
+from polmjax.bench import median_ms
 from polmjax.kernels.logprobs import token_logprobs_naive
 
 
@@ -83,7 +82,7 @@ def _measure(fn, h, w, t, args):
         try:
             compiled = jax.jit(f).lower(h, w, t).compile()
             row[key + "_temp"] = compiled.memory_analysis().temp_size_in_bytes / 2**20
-            row[key + "_ms"] = _time(compiled, (h, w, t), args.warmup, args.iters)
+            row[key + "_ms"] = median_ms(compiled, (h, w, t), args.warmup, args.iters)
             if key == "fwd":
                 out = compiled(h, w, t)
                 lp = np.asarray(out[0] if args.entropy else out, np.float32)
@@ -93,17 +92,6 @@ def _measure(fn, h, w, t, args):
     if "peak_bytes_in_use" in stats:
         row["peak"] = stats["peak_bytes_in_use"] / 2**20
     return row, lp
-
-
-def _time(compiled, args, warmup, iters):
-    for _ in range(warmup):
-        jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def _fmt(x):

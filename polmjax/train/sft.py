@@ -175,21 +175,14 @@ def run(exp: SFTExperiment) -> LoopResult:
         eval_pipe = SFTPipeline(data_cfg, tokenizer, global_batch=tc.global_batch, seq_len=tc.seq_len,
                                 split="eval", process_index=jax.process_index(),
                                 process_count=jax.process_count())
-        eval_step = jax.jit(functools.partial(eval_nll, model_cfg=cfg, mesh=mesh))
-
-        def eval_fn(state):
-            nll, tokens = 0.0, 0.0
-            for i, batch in enumerate(iter(eval_pipe)):
-                if i == tc.eval_batches:
-                    break
-                n, t = jax.device_get(eval_step(state.params, frozen, put_batch(batch)))
-                nll, tokens = nll + float(n), tokens + float(t)
-            return {"loss": nll / max(tokens, 1.0), "tokens": tokens}
+        eval_fn = functools.partial(evaluate, pipe=eval_pipe, frozen=frozen, put_batch=put_batch,
+                                    max_batches=tc.eval_batches,
+                                    eval_step=jax.jit(functools.partial(eval_nll, model_cfg=cfg, mesh=mesh)))
 
     logger = MetricsLogger(tc.run_dir, total_steps=tc.steps, use_tensorboard=tc.tensorboard,
                            wandb_project=tc.wandb_project, config=config_lib.to_dict(exp), is_writer=is_writer)
-    checkpointer = Checkpointer(os.path.abspath(os.path.join(tc.run_dir, "checkpoints")), save_every=tc.save_every, keep=tc.keep,
-                                async_save=tc.async_save)
+    checkpointer = Checkpointer(os.path.abspath(os.path.join(tc.run_dir, "checkpoints")),
+                                save_every=tc.save_every, keep=tc.keep, async_save=tc.async_save)
     try:
         result = train_loop(
             state=state, step_fn=lambda s, b: step_fn(s, frozen, b), batches=iter(pipe), put_batch=put_batch,
@@ -241,6 +234,17 @@ def export_run(run_dir: str, step: int | None = None, out: str | None = None) ->
     model = Decoder(cfg, combine_params(state.params, frozen), mesh=mesh, hf_config=hf_config_of(exp.model, cfg))
     export(model, tokenizer, out, exp.model.path, subdirs=False)
     return out
+
+
+def evaluate(state, *, pipe, frozen, put_batch, max_batches, eval_step) -> dict:
+    """Token-mean loss over the first `max_batches` batches of the held-out split."""
+    nll, tokens = 0.0, 0.0
+    for i, batch in enumerate(iter(pipe)):
+        if i == max_batches:
+            break
+        n, t = jax.device_get(eval_step(state.params, frozen, put_batch(batch)))
+        nll, tokens = nll + float(n), tokens + float(t)
+    return {"loss": nll / max(tokens, 1.0), "tokens": tokens}
 
 
 def eval_nll(params, frozen, batch, *, model_cfg, mesh=None):

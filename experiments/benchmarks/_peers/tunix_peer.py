@@ -28,7 +28,6 @@ def main():
     args = common.parse_args(["step", "trainer"])
     import jax
     import jax.numpy as jnp
-    import numpy as np
     import optax
     from flax import nnx
     from tunix.models.llama3 import model as llama_lib

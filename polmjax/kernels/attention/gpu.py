@@ -38,7 +38,7 @@ def forward(q_BTHK, k_BSGK, v_BSGK, q_seg_BT, kv_seg_BS, q_offset, static: Stati
     k = _pad(k_BSGK, geo.S_pad, geo.Kp)
     v = _pad(v_BSGK, geo.S_pad, geo.Kp)
     pos = _positions(q_offset, geo)
-    bq, bk = geo.bq, geo.bk
+    bq = geo.bq
     R = geo.H // geo.G
     in_specs = [
         pl.BlockSpec((bq,), lambda i, b, h: (i,)),
