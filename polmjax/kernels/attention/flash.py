@@ -3,7 +3,9 @@
 A backend module (`tpu`, `gpu`) provides two functions over unpadded [B, T, H, K] / [B, S, G, K] arrays:
 
   forward(q, k, v, q_seg, kv_seg, q_offset, static) -> (out_BTHK, lse)
-  backward(q, k, v, q_seg, kv_seg, q_offset, out, lse, dout, static) -> (dq, dk, dv)
+  backward(q, k, v, q_seg, kv_seg, q_offset, di_BHT, lse, dout, static) -> (dq, dk, dv)
+
+where di_BHT = rowsum(out * dout) in float32 (FlashAttention-2's D), computed here once for both.
 
 `lse` (float32 logsumexp of each query row, in whatever padded layout the backend likes) is the only
 residual besides the inputs and the output: the backward recomputes the probabilities from it
@@ -125,7 +127,8 @@ def _flash_fwd(backend, q, k, v, q_seg, kv_seg, q_offset, static):
 
 def _flash_bwd(backend, static, residuals, dout):
     q, k, v, q_seg, kv_seg, q_offset, out, lse = residuals
-    dq, dk, dv = backend.backward(q, k, v, q_seg, kv_seg, q_offset, out, lse, dout, static)
+    di_BHT = jnp.einsum("bthk,bthk->bht", out.astype(jnp.float32), dout.astype(jnp.float32))
+    dq, dk, dv = backend.backward(q, k, v, q_seg, kv_seg, q_offset, di_BHT, lse, dout, static)
     # Integer inputs (segment ids, offset) get no cotangent.
     return dq, dk, dv, None, None, None
 

@@ -71,11 +71,10 @@ def forward(q_BTHK, k_BSGK, v_BSGK, q_seg_BT, kv_seg_BS, q_offset, static: Stati
     return out[:, : geo.T, :, : geo.K], lse
 
 
-def backward(q_BTHK, k_BSGK, v_BSGK, q_seg_BT, kv_seg_BS, q_offset, out_BTHK, lse_BHT, dout_BTHK,
+def backward(q_BTHK, k_BSGK, v_BSGK, q_seg_BT, kv_seg_BS, q_offset, di_BHT, lse_BHT, dout_BTHK,
              static: Static):
     """FlashAttention-2 backward: dq from a dq kernel, dk/dv from a dk/dv kernel. Returns (dq, dk, dv)."""
     geo = _Geometry.of(q_BTHK, k_BSGK, static)
-    di_BHT = jnp.einsum("bthk,bthk->bht", out_BTHK.astype(jnp.float32), dout_BTHK.astype(jnp.float32))
     di_BHT = jnp.pad(di_BHT, ((0, 0), (0, 0), (0, geo.T_pad - geo.T)))
     q = _pad(q_BTHK, geo.T_pad, geo.Kp)
     do = _pad(dout_BTHK.astype(q_BTHK.dtype), geo.T_pad, geo.Kp)
