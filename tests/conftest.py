@@ -9,6 +9,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # libtpu (TPU ahead-of-time compiles): several test processes may load it; no TPU host discovery on CPU
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+# the CUDA plugin (GPU ahead-of-time compiles) logs at info level that this host has no GPU driver
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 import jax  # noqa: E402
 

@@ -8,13 +8,10 @@ through `attention_sharded`, forward and backward (grad of sum(out) wrt q, k, v)
 
 from __future__ import annotations
 
-import functools
-import os
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
+from aot_targets import target_devices
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -25,19 +22,6 @@ pytestmark = pytest.mark.tpu_aot
 TOPOLOGIES = ("v5e:2x2", "v5p:2x2x1", "v6e:2x2")
 B, T, H, G, K = 4, 8192, 8, 2, 128
 AXES = ("data", "fsdp", "tensor")
-
-
-@functools.cache
-def _devices(topology: str) -> np.ndarray:
-    # libtpu takes a host-wide lock unless told otherwise; AOT compilation needs no TPU, so let other
-    # processes (pytest-xdist workers, other sessions) hold libtpu at the same time.
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    try:
-        from jax.experimental import topologies
-
-        return np.array(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
-    except Exception as err:  # no libtpu in this environment
-        pytest.skip(f"cannot build TPU topology {topology}: {err}")
 
 
 def _inputs(mesh):
@@ -62,7 +46,7 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("topology", TOPOLOGIES)
 def test_flash_attention_compiles_forward_and_backward(topology, case):
-    devices = _devices(topology)
+    devices = target_devices(topology)
     mesh_shape, options = CASES[case]
     mesh = jax.sharding.Mesh(devices.reshape(mesh_shape), AXES)
     blocks = BlockSizes.for_tpu(devices.flat[0].device_kind)  # what impl="auto" picks from the mesh
@@ -88,7 +72,7 @@ def test_flash_attention_compiles_forward_and_backward(topology, case):
 
 def test_flash_train_step_uses_less_memory_than_xla_on_v5e():
     """loss + grad through attention: flash (no [T, S] logits) against the XLA reference, temp bytes."""
-    devices = _devices("v5e:2x2")
+    devices = target_devices("v5e:2x2")
     mesh = jax.sharding.Mesh(devices.reshape(2, 1, 2), AXES)
     q, k, v, _ = _inputs(mesh)
 

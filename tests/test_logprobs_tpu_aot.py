@@ -2,21 +2,15 @@
 forward and backward for v5e, v5p and v6e topologies at a realistic shape, and the memory claim (our
 loss+grad temporaries <= 5% of the naive log_softmax(h @ w) path) on CPU and on v5e."""
 
-import os
+import jax
+import jax.numpy as jnp
+import pytest
+from aot_targets import target_devices
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-# libtpu takes a host-wide lock file; abstract topologies touch no chip, so parallel test processes
-# (pytest-xdist, several checkouts) may share it.
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from jax.sharding import Mesh, NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
-from polmjax.kernels import token_logprobs  # noqa: E402
-from polmjax.kernels.logprobs import token_logprobs_naive, token_logprobs_sharded  # noqa: E402
+from polmjax.kernels import token_logprobs
+from polmjax.kernels.logprobs import token_logprobs_naive, token_logprobs_sharded
 
 pytestmark = pytest.mark.tpu_aot
 
@@ -25,11 +19,7 @@ TOKENS = ("data", "fsdp")
 
 
 def _topology_mesh(name, tensor=1):
-    topologies = pytest.importorskip("jax.experimental.topologies")
-    try:
-        devices = np.array(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
-    except Exception as e:  # no libtpu in this environment
-        pytest.skip(f"no TPU topology {name!r}: {e}")
+    devices = target_devices(name)
     return Mesh(devices.reshape(1, devices.size // tensor, tensor), ("data", "fsdp", "tensor"))
 
 

@@ -1,14 +1,16 @@
-"""Does experiment X fit on TPU slice Y? Compile its train step ahead of time from a CPU host.
+"""Does experiment X fit on TPU slice Y (or GPU node Y)? Compile its train step ahead of time from a CPU host.
 
 Builds the experiment's model config (from `model.init`, or the `config.json` of `model.path`, which must
 be a local directory or already in the HF cache: no weights are read), places abstract parameters,
-optimizer state and a batch with the experiment's shardings on the abstract devices of a TPU topology,
-and runs the real XLA:TPU compiler on the SFT step. Prints the per-device memory the compiler reports
-and whether it fits in HBM.
+optimizer state and a batch with the experiment's shardings on the compile-only devices of the target
+(`polmjax.aot`), and runs the real XLA:TPU (or XLA:GPU + Triton) compiler on the SFT step. Prints the
+per-device memory the compiler reports and whether it fits.
 
-    pip install "jax[tpu]"   # libtpu: the TPU compiler, usable on a CPU host
-    JAX_PLATFORMS=cpu python tpu/aot_compile.py experiments/sft/tiny.py --topology v5e:2x2
-    JAX_PLATFORMS=cpu python tpu/aot_compile.py experiments/sft/qwen3_1p7b_tulu3.py --topology v5p:4x4x2 \
+    pip install "jax[tpu]"                                  # libtpu: the TPU compiler, usable on a CPU host
+    pip install "jax[cuda12-local]" nvidia-cuda-nvcc-cu12   # XLA:GPU for GPU targets (h100, h200, a100)
+    JAX_PLATFORMS=cpu python tpu/aot_compile.py experiments/sft/tiny.py --target v5e:2x2
+    JAX_PLATFORMS=cpu python tpu/aot_compile.py experiments/sft/tiny.py --target h100:8
+    JAX_PLATFORMS=cpu python tpu/aot_compile.py experiments/sft/qwen3_1p7b_tulu3.py --target v5p:4x4x2 \
         --set model.path=/path/to/Qwen3-1.7B
 """
 
@@ -19,32 +21,27 @@ import os
 import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # quiets libtpu's host discovery on a CPU host
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-# HBM per chip, bytes
-HBM = {"v4": 32 * 2**30, "v5e": 16 * 2**30, "v5p": 95 * 2**30, "v6e": 32 * 2**30}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment")
-    parser.add_argument("--topology", required=True, help="e.g. v5e:2x2, v5p:2x2x1, v6e:2x2")
+    parser.add_argument("--target", "--topology", dest="target", required=True,
+                        help="a TPU slice (v5e:2x2, v5p:2x2x1, v6e:2x2) or GPUs (h100:8, h200:1, a100:4)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args(argv)
-    report = compile_sft_step(args.experiment, args.topology, args.overrides)
+    report = compile_sft_step(args.experiment, args.target, args.overrides)
     for k, v in report.items():
         print(f"{k:>24}: {v}")
     return 0 if report["fits"] else 1
 
 
-def compile_sft_step(experiment: str, topology: str, overrides=()) -> dict:
-    """Compile the experiment's SFT step for `topology`; returns the compiler's memory numbers per device."""
-    from jax.experimental import topologies
-
+def compile_sft_step(experiment: str, target: str, overrides=()) -> dict:
+    """Compile the experiment's SFT step for `target`; returns the compiler's memory numbers per device."""
+    from polmjax import aot
     from polmjax import config as config_lib
     from polmjax import mesh as mesh_lib
     from polmjax import models
@@ -54,8 +51,7 @@ def compile_sft_step(experiment: str, topology: str, overrides=()) -> dict:
     from polmjax.train.state import state_shardings_for
 
     exp = config_lib.load_experiment(experiment, list(overrides))
-    topo = topologies.get_topology_desc(platform="tpu", topology_name=topology)
-    devices = topo.devices
+    devices = aot.devices(target)
     mesh = mesh_lib.make_mesh(exp.mesh.data, exp.mesh.fsdp, exp.mesh.tensor, devices=devices)
     cfg = _model_config(exp)
     shardings = models.param_shardings(cfg, mesh)
@@ -75,11 +71,11 @@ def compile_sft_step(experiment: str, topology: str, overrides=()) -> dict:
                         grad_accum=exp.train.grad_accum, mesh=mesh)
     compiled = step.lower(abstract_state, frozen, batch).compile()
     mem = compiled.memory_analysis()
-    generation = topology.split(":")[0]
     total = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
-    hbm = HBM.get(generation)
+    hbm = aot.memory_bytes(target)
+    hlo = compiled.as_text()
     return {
-        "topology": f"{topology} ({len(devices)} chips, {devices[0].device_kind})",
+        "target": f"{target} ({len(devices)} devices, {devices[0].device_kind})",
         "mesh": dict(mesh.shape),
         "model": f"{cfg.family} {cfg.num_params() / 1e9:.3f}B params, lora={exp.lora is not None}",
         "batch": f"{B} x {T}, grad_accum {exp.train.grad_accum}",
@@ -88,7 +84,8 @@ def compile_sft_step(experiment: str, topology: str, overrides=()) -> dict:
         "total_per_device_GiB": round(total / 2**30, 3),
         "hbm_GiB": None if hbm is None else round(hbm / 2**30, 1),
         "fits": hbm is None or total <= hbm,
-        "pallas_kernel_calls": compiled.as_text().count('custom_call_target="tpu_custom_call"'),
+        "pallas_kernel_calls": hlo.count('custom_call_target="tpu_custom_call"')
+        + hlo.count('custom_call_target="__gpu$xla.gpu.triton"'),
     }
 
 
