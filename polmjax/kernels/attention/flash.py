@@ -71,14 +71,19 @@ class BlockSizes:
         return cls(block_q=256, block_kv=512, block_q_bwd=256, block_kv_bwd=256)
 
     @classmethod
-    def for_gpu(cls, head_dim: int = 128) -> BlockSizes:
+    def for_gpu(cls, head_dim: int = 128, device_kind: str | None = None) -> BlockSizes:
         """Triton defaults for A100/H100-class GPUs (the FlashAttention-2 Triton tiles).
 
         Head dim <= 128: 128 x 64 forward, 64 x 64 backward tiles. Larger head dims (Gemma's 256) halve
-        the tiles so the float32 accumulators stay in registers and K/V stages in shared memory.
+        the tiles so the float32 accumulators stay in registers and K/V stages in shared memory. Before
+        Hopper (no wgmma, e.g. A100) the dk/dv kernel at head dim <= 64 spills registers with 64-key
+        tiles (ptxas: 104 bytes), so it takes 32-key tiles there. Chosen from the compiled kernels'
+        registers, spills and shared memory (`polmjax.aot.triton_kernels`), not from timings.
         """
+        hopper = any(name in (device_kind or "") for name in ("H100", "H200", "H800", "GH200"))
         if head_dim <= 128:
-            return cls(block_q=128, block_kv=64, block_q_bwd=64, block_kv_bwd=64)
+            return cls(block_q=128, block_kv=64, block_q_bwd=64,
+                       block_kv_bwd=64 if hopper or head_dim > 64 else 32)
         return cls(block_q=64, block_kv=32, block_q_bwd=32, block_kv_bwd=32)
 
     @classmethod
@@ -88,9 +93,10 @@ class BlockSizes:
         if interpret:
             # Small tiles keep interpret mode (CPU) fast and still exercise several blocks per row.
             return cls(block_q=128, block_kv=128) if impl == "pallas_tpu" else cls(block_q=32, block_kv=32)
+        device_kind = device_kind or jax.devices()[0].device_kind
         if impl == "pallas_tpu":
-            return cls.for_tpu(device_kind or jax.devices()[0].device_kind)
-        return cls.for_gpu(head_dim)
+            return cls.for_tpu(device_kind)
+        return cls.for_gpu(head_dim, device_kind)
 
 
 @dataclasses.dataclass(frozen=True)
