@@ -10,6 +10,9 @@ shared-memory overflow of a Triton kernel, lowering errors that interpret mode n
     pip install "jax[tpu]"                                          # TPU targets
     pip install "jax[cuda12-local]" nvidia-cuda-nvcc-cu12           # GPU targets (+ ptxas for registers)
 
+GPU targets need JAX_PLATFORMS=cpu on a host without CUDA libraries (the CUDA plugin then registers for
+compilation only instead of failing its runtime check).
+
 `triton_kernels(lowered)` reports each Pallas GPU kernel's grid, threads, shared memory (from XLA's
 thunk sequence) and registers and spills (ptxas on the kernel's PTX), and the resulting thread blocks
 per SM: the resources that decide whether a tile size is viable, read without a GPU.
@@ -125,8 +128,10 @@ def devices(target: str) -> list:
         topo = topologies.get_topology_desc(platform="cuda", target_config=GPUS[name].target_config(),
                                             topology=f"1x1x{count}")
     except Exception as err:
+        # Without CUDA libraries the plugin only registers when JAX is told not to use it as a backend.
+        hint = "" if os.environ.get("JAX_PLATFORMS") == "cpu" else ", and run with JAX_PLATFORMS=cpu"
         raise RuntimeError(f"cannot build GPU target {target!r} (install the CUDA plugin: pip install "
-                           f"'jax[cuda12-local]'): {err}") from err
+                           f"'jax[cuda12-local]' nvidia-cuda-nvcc-cu12{hint}): {err}") from err
     return list(topo.devices)
 
 

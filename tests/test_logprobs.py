@@ -1,6 +1,7 @@
 """token_logprobs: chunked reference vs naive log_softmax, Pallas kernels (interpret mode) vs reference,
 sharded == single device, no [N, V] intermediate, argument validation."""
 
+import dataclasses
 import functools
 
 import jax
@@ -9,12 +10,14 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import AxisType
 
 from polmjax.kernels import token_logprobs
 from polmjax.kernels.logprobs import (
     BlockSizes,
+    gpu,
     token_logprobs_naive,
     token_logprobs_reference,
     token_logprobs_sharded,
@@ -23,8 +26,8 @@ from polmjax.mesh import make_mesh
 
 # The smallest legal tiles, so that tiny problems still span several blocks and ragged edges.
 TPU_BLOCKS = BlockSizes(block_n=16, block_v=128, block_n_dh=16, block_v_dh=128, block_n_dw=16, block_v_dw=128)
-GPU_BLOCKS = BlockSizes(block_n=16, block_v=64, block_n_dh=16, block_v_dh=32, block_n_dw=32, block_v_dw=64,
-                        block_d=16)
+# chunk_v=96: V up to 300 runs the backward's chunk loop and a ragged tail chunk.
+GPU_BLOCKS = BlockSizes(block_n=16, block_v=64, block_n_dz=16, block_v_dz=32, block_d=16, chunk_v=96)
 BLOCKS = {"xla": BlockSizes(block_v=64), "pallas_tpu": TPU_BLOCKS, "pallas_gpu": GPU_BLOCKS}
 
 
@@ -198,18 +201,61 @@ def test_tpu_kernel_in_mosaic_interpreter():
 
 
 def test_gpu_kernels_lower_to_triton():
-    """The three Triton kernels lower for CUDA on this CPU host (compiling to PTX needs a GPU)."""
+    """The Triton kernels lower for CUDA on this CPU host (compiling to PTX needs a GPU or an AOT target):
+    the forward, and the dz kernel of the backward's chunk loop and of its tail chunk."""
     h = jax.ShapeDtypeStruct((100, 48), jnp.bfloat16)
     w = jax.ShapeDtypeStruct((48, 1000), jnp.bfloat16)
     t = jax.ShapeDtypeStruct((100,), jnp.int32)
+    blocks = dataclasses.replace(BlockSizes.for_gpu(48, jnp.bfloat16), chunk_v=384)  # 1000 = 2 * 384 + 232
 
     def loss(h, w, t):
-        lp, ent = token_logprobs(h, w, t, impl="pallas_gpu", softcap=30.0, return_entropy=True)
+        lp, ent = token_logprobs(h, w, t, impl="pallas_gpu", softcap=30.0, return_entropy=True,
+                                 block_sizes=blocks)
         return lp.sum() + ent.sum()
 
     traced = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(h, w, t)
     text = traced.lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("xla.gpu.triton") == 3
+
+
+def test_gpu_forward_vocab_splits():
+    """Many token blocks and vocab blocks: the forward grid splits V, the last split is shorter."""
+    N, D, V = 200, 8, 1290
+    blocks = dataclasses.replace(GPU_BLOCKS, block_n=16, block_v=16)
+    n_split, per_split = gpu.vocab_splits(N, V, 16, 16)
+    assert n_split > 1 and per_split > 1 and pl.cdiv(V, 16) % per_split, (n_split, per_split)
+    h, w, t, _, _ = _problem(N, D, V, seed=5)
+    t = t.at[:3].set(jnp.array([-1, V, 2 * V]))
+    for softcap, temperature in ((None, 1.0), (3.0, 0.7)):
+        kw = dict(temperature=temperature, softcap=softcap, return_entropy=True)
+        got = token_logprobs(h, w, t, impl="pallas_gpu", interpret=True, block_sizes=blocks, **kw)
+        want = token_logprobs_reference(h, w, t, **kw)
+        for g, r in zip(got, want):
+            np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_v", [96, 100, 512])  # loop + tail; loop only (300 = 3 * 100); one chunk
+def test_gpu_backward_chunks(chunk_v):
+    """The backward's vocabulary chunks (a tail one too) give the gradients of the reference."""
+    blocks = dataclasses.replace(GPU_BLOCKS, chunk_v=chunk_v)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        h, w, t, g_lp, g_ent = _problem(21, 24, 300, dtype, seed=chunk_v)
+        kw = dict(temperature=0.8, softcap=4.0, return_entropy=True)
+        got = _value_and_grads(functools.partial(token_logprobs, impl="pallas_gpu", interpret=True,
+                                                 block_sizes=blocks), h, w, t, g_lp, g_ent, **kw)
+        want = _value_and_grads(token_logprobs_reference, h, w, t, g_lp, g_ent, **kw)
+        _compare(got, want, dtype)
+
+
+def test_gpu_out_of_range_targets_gradients():
+    """Ids outside [0, V) (other vocab shards' targets) hit no column in any backward chunk either."""
+    N, D, V = 8, 16, 300
+    h, w, _, g_lp, _ = _problem(N, D, V, seed=11)
+    t = jnp.array([-1, -97, 300, 395, 10**6, 5, 96, 299], jnp.int32)  # -97 / 395: one chunk away
+    got = _value_and_grads(functools.partial(token_logprobs, impl="pallas_gpu", interpret=True,
+                                             block_sizes=GPU_BLOCKS), h, w, t, g_lp, None, return_entropy=False)
+    want = _value_and_grads(token_logprobs_reference, h, w, t, g_lp, None, return_entropy=False)
+    _compare(got, want, jnp.float32)
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas_tpu", "pallas_gpu"])
@@ -241,7 +287,8 @@ def test_mixed_dtypes_promote():
 
 @pytest.mark.parametrize("impl,vocab_axis,axis_type", [
     ("xla", None, AxisType.Auto), ("xla", "tensor", AxisType.Auto), ("pallas_tpu", None, AxisType.Auto),
-    ("pallas_tpu", "tensor", AxisType.Auto), ("xla", "tensor", AxisType.Explicit)])
+    ("pallas_tpu", "tensor", AxisType.Auto), ("pallas_gpu", "tensor", AxisType.Auto),
+    ("xla", "tensor", AxisType.Explicit)])
 def test_sharded_equals_single_device(impl, vocab_axis, axis_type):
     assert len(jax.devices()) == 8
     if axis_type == AxisType.Auto:
@@ -308,3 +355,7 @@ def test_block_sizes_validation():
     with pytest.raises(ValueError, match="block_v=48 must be a power of two"):
         token_logprobs(jnp.zeros((4, 8)), jnp.zeros((8, 10)), jnp.zeros((4,), jnp.int32), impl="pallas_gpu",
                        interpret=True, block_sizes=BlockSizes(block_v=48))
+    with pytest.raises(ValueError, match="block_n_dz=24 must be a power of two"):
+        jax.grad(lambda h: token_logprobs(h, jnp.zeros((8, 10)), jnp.zeros((4,), jnp.int32), impl="pallas_gpu",
+                                          interpret=True, block_sizes=BlockSizes(block_n_dz=24)).sum())(
+            jnp.zeros((4, 8)))

@@ -71,15 +71,20 @@ class BlockSizes:
         return cls(block_q=256, block_kv=512, block_q_bwd=256, block_kv_bwd=256)
 
     @classmethod
-    def for_gpu(cls, head_dim: int = 128, device_kind: str | None = None) -> BlockSizes:
+    def for_gpu(cls, head_dim: int = 128, device_kind: str | None = None, dtype=jnp.bfloat16) -> BlockSizes:
         """Triton defaults for A100/H100-class GPUs (the FlashAttention-2 Triton tiles).
 
         Head dim <= 128: 128 x 64 forward, 64 x 64 backward tiles. Larger head dims (Gemma's 256) halve
         the tiles so the float32 accumulators stay in registers and K/V stages in shared memory. Before
         Hopper (no wgmma, e.g. A100) the dk/dv kernel at head dim <= 64 spills registers with 64-key
-        tiles (ptxas: 104 bytes), so it takes 32-key tiles there. Chosen from the compiled kernels'
-        registers, spills and shared memory (`polmjax.aot.triton_kernels`), not from timings.
+        tiles (ptxas: 104 bytes), so it takes 32-key tiles there. float32 inputs (3xTF32 dots) take
+        32 x 32 tiles everywhere: larger ones overflow shared memory or spill more; the dk/dv kernel still
+        spills up to ~100 bytes at head dim 64/128, and at 256 every kernel spills KiBs (float32 attention
+        is correct there, not fast: use bf16). Chosen from the compiled kernels' registers, spills and shared memory
+        (`polmjax.aot.triton_kernels`), not from timings.
         """
+        if jnp.dtype(dtype) == jnp.float32:
+            return cls(block_q=32, block_kv=32, block_q_bwd=32, block_kv_bwd=32)
         hopper = any(name in (device_kind or "") for name in ("H100", "H200", "H800", "GH200"))
         if head_dim <= 128:
             return cls(block_q=128, block_kv=64, block_q_bwd=64,
@@ -88,7 +93,7 @@ class BlockSizes:
 
     @classmethod
     def default(cls, impl: str, interpret: bool = False, head_dim: int = 128,
-                device_kind: str | None = None) -> BlockSizes:
+                device_kind: str | None = None, dtype=jnp.bfloat16) -> BlockSizes:
         """Defaults for `impl` ("pallas_tpu" / "pallas_gpu") on `device_kind` (default: the default device)."""
         if interpret:
             # Small tiles keep interpret mode (CPU) fast and still exercise several blocks per row.
@@ -96,7 +101,7 @@ class BlockSizes:
         device_kind = device_kind or jax.devices()[0].device_kind
         if impl == "pallas_tpu":
             return cls.for_tpu(device_kind)
-        return cls.for_gpu(head_dim, device_kind)
+        return cls.for_gpu(head_dim, device_kind, dtype)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -168,7 +168,7 @@ def _fwd_kernel(pos_ref, q_ref, k_ref, v_ref, *refs, geo, static, segmented):
         if mask is not None:
             p = jnp.where(mask, p, 0.0)
         v = v_ref[k_slice, :]
-        acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v, precision=_precision(v.dtype))
+        acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v, precision=_precision(v.dtype, static.interpret))
         return acc, m_next, l * alpha + jnp.sum(p, axis=1)
 
     init = (jnp.zeros((bq, geo.Kp), jnp.float32), jnp.full((bq,), MASK_VALUE, jnp.float32),
@@ -205,11 +205,11 @@ def _dq_kernel(pos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, geo
                 mask = _and(mask, q_seg[:, None] == kvseg_ref[k_slice][None, :])
         if mask is not None:
             p = jnp.where(mask, p, 0.0)
-        dp = plgpu.dot(do, v, trans_b=True, precision=_precision(v.dtype))
+        dp = plgpu.dot(do, v, trans_b=True, precision=_precision(v.dtype, static.interpret))
         ds = p * (dp - di[:, None])
         if tanh is not None:
             ds = ds * (1.0 - tanh * tanh)
-        return dq + plgpu.dot(ds.astype(k.dtype), k, precision=_precision(k.dtype))
+        return dq + plgpu.dot(ds.astype(k.dtype), k, precision=_precision(k.dtype, static.interpret))
 
     dq = _tile_loop(body, jnp.zeros((bq, geo.Kp), jnp.float32), *ranges, geo=geo, static=static,
                     segmented=segmented)
@@ -245,12 +245,12 @@ def _dkv_kernel(pos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, ge
                 mask = _and(mask, kv_seg[:, None] == qseg_ref[q_slice][None, :])
         if mask is not None:
             p_t = jnp.where(mask, p_t, 0.0)
-        dv = dv + plgpu.dot(p_t.astype(do.dtype), do, precision=_precision(do.dtype))
-        dp_t = plgpu.dot(v, do, trans_b=True, precision=_precision(do.dtype))
+        dv = dv + plgpu.dot(p_t.astype(do.dtype), do, precision=_precision(do.dtype, static.interpret))
+        dp_t = plgpu.dot(v, do, trans_b=True, precision=_precision(do.dtype, static.interpret))
         ds_t = p_t * (dp_t - di_ref[r, q_slice][None, :])
         if tanh_t is not None:
             ds_t = ds_t * (1.0 - tanh_t * tanh_t)
-        return dk + plgpu.dot(ds_t.astype(q.dtype), q, precision=_precision(q.dtype)), dv
+        return dk + plgpu.dot(ds_t.astype(q.dtype), q, precision=_precision(q.dtype, static.interpret)), dv
 
     def head(r, carry):
         return _tile_loop(functools.partial(q_tile, r=r), carry, *ranges, geo=geo, static=static,
@@ -264,7 +264,7 @@ def _dkv_kernel(pos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, ge
 
 def _logits(a, b, static: Static):
     """scale * a b^T in float32, soft-capped; also tanh(logits / softcap) for the backward's chain rule."""
-    s = plgpu.dot(a, b, trans_b=True, precision=_precision(a.dtype)) * static.scale
+    s = plgpu.dot(a, b, trans_b=True, precision=_precision(a.dtype, static.interpret)) * static.scale
     if static.softcap is None:
         return s, None
     tanh = jnp.tanh(s * (1.0 / static.softcap))
@@ -314,9 +314,13 @@ def _tile_loop(step, carry, lo, hi, full_lo, full_hi, *, geo, static: Static, se
     return lax.fori_loop(mid_end, hi + 1, functools.partial(step, masked=True), carry)
 
 
-def _precision(dtype):
-    # float32 inputs get full float32 matmuls (no TF32), as the float32 reference does.
-    return lax.Precision.HIGHEST if dtype == jnp.float32 else None
+def _precision(dtype, interpret: bool):
+    """float32 inputs: 3xTF32 on the GPU (tensor cores at about float32 accuracy; IEEE float32 Triton dots
+    spill 8-160 KiB of registers per kernel, per ptxas); the interpreter (CPU) has no 3xTF32 and gets
+    HIGHEST. Lower-precision inputs need no flag."""
+    if dtype != jnp.float32:
+        return None
+    return lax.Precision.HIGHEST if interpret else lax.DotAlgorithmPreset.TF32_TF32_F32_X3
 
 
 @dataclasses.dataclass(frozen=True)

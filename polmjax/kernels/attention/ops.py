@@ -53,7 +53,7 @@ def attention(
         `jax.default_backend()`). The Pallas kernels are not partitioned by XLA: on a mesh of several
         devices call `attention_sharded`, whose "auto" follows the mesh's devices.
       interpret: run a Pallas backend in interpret mode (CPU tests).
-      block_sizes: Pallas tile sizes; default `BlockSizes.default(impl)` for the current device.
+      block_sizes: Pallas tile sizes; default `BlockSizes.default(impl, ...)` for the current device and dtype.
     Returns:
       [B, T, H, K] in q's dtype. Softmax statistics are float32; a query that sees no key gets zeros.
 
@@ -84,7 +84,7 @@ def attention(
         window=None if window is None else int(window),
         softcap=None if softcap is None else float(softcap),
         scale=float(K**-0.5 if scale is None else scale),
-        blocks=block_sizes or BlockSizes.default(impl, interpret, head_dim=K),
+        blocks=block_sizes or BlockSizes.default(impl, interpret, head_dim=K, dtype=q_BTHK.dtype),
         interpret=bool(interpret),
     )
     offset = jnp.asarray(S - T if q_offset is None else q_offset, jnp.int32)
@@ -133,7 +133,8 @@ def attention_sharded(
     if impl == "auto":
         impl = _auto_impl(device.platform)
     if block_sizes is None and impl.startswith("pallas"):
-        block_sizes = BlockSizes.default(impl, interpret, head_dim=q_BTHK.shape[3], device_kind=device.device_kind)
+        block_sizes = BlockSizes.default(impl, interpret, head_dim=q_BTHK.shape[3], device_kind=device.device_kind,
+                                        dtype=q_BTHK.dtype)
     q_seg, kv_seg = _check(q_BTHK, k_BSGK, v_BSGK, segment_ids, window, softcap)
     B, T, H, K = q_BTHK.shape
     G = k_BSGK.shape[2]

@@ -1,17 +1,36 @@
-"""Pallas GPU (Triton) kernels for target-token log-probs: one forward, two backward kernels.
+"""Pallas GPU (Triton) backend for target-token log-probs: a split-vocabulary forward kernel, and a
+backward that recomputes dz one vocabulary chunk at a time in a kernel and leaves the two big matmuls
+to XLA (cuBLAS, or XLA's own autotuned GEMM).
 
 Triton keeps a tile in registers, so D is walked in chunks of block_d inside every logits tile:
-z[n, v] = sum_k h[n, k] @ w[k, v]. Each program owns a block of rows (forward, d_hidden) or of vocab
-columns (d_unembed) and loops over the other axis, so no two programs write the same address:
-  * forward, grid (token blocks): sweep the vocabulary with an online max / sum-exp / entropy in
-    registers; the target logit is picked with a column iota.
-  * d_hidden, grid (token blocks): for each vocab block recompute dz, then dh[n, k] += dz @ w[k, v]^T
-    for every D chunk k, read-modify-write of a float32 [N, D] buffer the program owns rows of.
-  * d_unembed, grid (vocab blocks): for each token block recompute dz, then dw[k, v] += h[n, k]^T @ dz,
-    read-modify-write of a float32 [D, V] buffer (cast to unembed's dtype afterwards). That buffer is
-    the one O(D * V) temporary of this backend (none is O(N * V)).
-Loads past the array edges are masked to zero, so edge tiles need no padding; dz is zeroed in the
-padded vocab columns and token rows. Deterministic: no atomics.
+z[n, v] = sum_k h[n, k] @ w[k, v]. Loads past the array edges are masked to zero (no input is padded)
+and stores past them are masked off. Deterministic: no atomics, and no kernel reads what it wrote.
+
+Forward, grid (vocab splits, token blocks): program (j, i) sweeps its own contiguous range of vocab
+blocks for token block i with an online max / sum-exp / entropy accumulator in registers (the target
+logit is picked with a column iota) and writes its partial (m, l, s, tgt) to float32 [n_split, N]
+outputs; `_combine_splits` merges them in jnp with the rescaling of `online_update`. The split count is
+static (`vocab_splits`): about `_MIN_PROGRAMS` programs in all (N=4096: 32 splits x 32 token blocks,
+where one program per token block would leave most of a 132-SM GPU idle), never an empty split.
+The split index is the fastest grid axis, so a wave of programs holds few token blocks, whose rows of
+h stay in L2 over the sweep while each tile of w serves all of them. At N=16384, D=2048, V=131072
+(bf16, 128 x 128 tiles, one 8-warp program per SM) the ~132 resident programs span 8 splits x ~16 token
+blocks, so HBM sees h about once and w about N / (16 * 128) = 8 times (~5 GB).
+
+Backward, per vocabulary chunk of chunk_v columns (a `fori_loop` over the full chunks, then one static
+tail chunk of V % chunk_v columns; w is sliced, never padded):
+  dz_Nc = kernel(h, w_Dc, targets - start, lse, entropy, cotangents)   grid (vocab blocks, token blocks)
+  dh_ND += dz_Nc @ w_Dc^T                                   XLA dot, float32 accumulator
+  dw_Dc  = h_ND^T @ dz_Nc                                   XLA dot, cast, written into the [D, V] result
+`BlockSizes.for_gpu` sizes the chunk so that w_Dc (D * chunk_v * itemsize, 32 MiB) stays in L2 while the
+dz kernel walks the token blocks (vocab blocks are its fastest grid axis). HBM traffic at the shape
+above: dz written once and read by the two matmuls (3 * N * V * 2 B = 13 GB), the float32 dh read and
+written per chunk (4 GB), h twice per chunk (2 GB), w and dw once (1 GB): ~20 GB, where the previous
+kernels read-modify-wrote float32 accumulators in HBM once per tile (~550 GB). Compute: four matmuls
+of 2 N D V flops (forward, recompute, dh, dw) against three for the naive path.
+Temporaries: dz [N, chunk_v] in the input dtype, the float32 dh accumulator [N, D], one chunk of w
+(and of dw before its cast) [D, chunk_v]: O(N * chunk_v + N * D + D * chunk_v), never O(N * V) and no
+float32 [D, V].
 """
 
 from __future__ import annotations
@@ -35,24 +54,29 @@ from polmjax.kernels.logprobs.reference import (
 _NT = (((1,), (1,)), ((), ()))  # a @ b^T
 _TN = (((0,), (0,)), ((), ()))  # a^T @ b
 
+# The forward splits the vocabulary until the grid has about this many programs (if V allows).
+_MIN_PROGRAMS = 1024
+
 
 def forward_stats(h_ND, w_DV, t_N, *, temperature, softcap, with_entropy, blocks, interpret=False):
     """Per-token (lse_N, tgt_N, entropy_N or None), float32. Targets outside [0, V) give tgt = 0."""
     N, D = h_ND.shape
     V = w_DV.shape[1]
     tiles = _tiles(N, D, V, blocks.block_n, blocks.block_v, blocks.block_d)
-    n_out = 3 if with_entropy else 2
-    kernel = functools.partial(_fwd_kernel, tiles=tiles, temperature=temperature, softcap=softcap,
-                               with_entropy=with_entropy)
+    n_split, per_split = vocab_splits(N, V, tiles.bn, tiles.bv)
+    n_out = 4 if with_entropy else 3
+    kernel = functools.partial(_fwd_kernel, tiles=tiles, per_split=per_split, temperature=temperature,
+                               softcap=softcap, with_entropy=with_entropy,
+                               precision=_precision(h_ND.dtype, interpret))
     outs = pl.pallas_call(
         kernel,
-        grid=(pl.cdiv(N, tiles.bn),),
-        out_shape=[jax.ShapeDtypeStruct((N,), jnp.float32)] * n_out,
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        grid=(n_split, pl.cdiv(N, tiles.bn)),
+        out_shape=[jax.ShapeDtypeStruct((n_split, N), jnp.float32)] * n_out,
+        compiler_params=_compiler_params(tiles),
         interpret=interpret,
-        name="token_logprobs_fwd",
+        name="polmjax_logprobs_fwd",
     )(t_N, h_ND, w_DV)
-    return outs[0], outs[1], (outs[2] if with_entropy else None)
+    return _combine_splits(*outs[:3], outs[3] if with_entropy else None)
 
 
 def backward(h_ND, w_DV, t_N, lse_N, ent_N, g_lp_N, g_ent_N, *, temperature, softcap, blocks,
@@ -60,127 +84,134 @@ def backward(h_ND, w_DV, t_N, lse_N, ent_N, g_lp_N, g_ent_N, *, temperature, sof
     """(dh_ND, dw_DV) in the input dtypes. g_ent_N=None: entropy was not an output."""
     N, D = h_ND.shape
     V = w_DV.shape[1]
-    with_entropy = g_ent_N is not None
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-    rows = [t_N, f32(lse_N), f32(g_lp_N)] + ([f32(ent_N), f32(g_ent_N)] if with_entropy else [])
-    # The interpreter has no barrier primitive and needs none (a program runs as one thread there).
-    math = dict(temperature=temperature, softcap=softcap, with_entropy=with_entropy,
-                barrier=not interpret)
-    params = plgpu.CompilerParams(num_warps=4, num_stages=2)
+    stats = [f32(lse_N), f32(g_lp_N)] + ([f32(ent_N), f32(g_ent_N)] if g_ent_N is not None else [])
+    dz_fn = functools.partial(_dz, temperature=temperature, softcap=softcap, blocks=blocks,
+                              interpret=interpret)
+    c = min(blocks.chunk_v, V)
+    n_full, tail = divmod(V, c)
 
-    tiles = _tiles(N, D, V, blocks.block_n_dh, blocks.block_v_dh, blocks.block_d)
-    dh_ND = pl.pallas_call(
-        functools.partial(_dh_kernel, tiles=tiles, **math),
-        grid=(pl.cdiv(N, tiles.bn),),
-        out_shape=jax.ShapeDtypeStruct((N, D), jnp.float32),
-        compiler_params=params,
-        interpret=interpret,
-        name="token_logprobs_bwd_dhidden",
-    )(*rows, h_ND, w_DV)
+    def chunk(carry, start, width):
+        dh_ND, dw_DV_acc = carry
+        w_Dc = jax.lax.dynamic_slice_in_dim(w_DV, start, width, axis=1)
+        # Shifted targets: an id outside [start, start + width) falls outside [0, width) and hits nothing.
+        dz_Nc = dz_fn(h_ND, w_Dc, t_N - start, stats)
+        dh_ND = dh_ND + jax.lax.dot_general(dz_Nc, w_Dc, _NT, precision=_precision(dz_Nc.dtype, interpret),
+                                            preferred_element_type=jnp.float32)
+        dw_Dc = jax.lax.dot_general(h_ND, dz_Nc, _TN, precision=_precision(dz_Nc.dtype, interpret),
+                                    preferred_element_type=jnp.float32)
+        return dh_ND, jax.lax.dynamic_update_slice_in_dim(dw_DV_acc, dw_Dc.astype(w_DV.dtype), start, axis=1)
 
-    tiles = _tiles(N, D, V, blocks.block_n_dw, blocks.block_v_dw, blocks.block_d)
-    dw_DV = pl.pallas_call(
-        functools.partial(_dw_kernel, tiles=tiles, **math),
-        grid=(pl.cdiv(V, tiles.bv),),
-        out_shape=jax.ShapeDtypeStruct((D, V), jnp.float32),
-        compiler_params=params,
-        interpret=interpret,
-        name="token_logprobs_bwd_dunembed",
-    )(*rows, h_ND, w_DV)
-    return dh_ND.astype(h_ND.dtype), dw_DV.astype(w_DV.dtype)
+    carry = (jnp.zeros((N, D), jnp.float32), jnp.zeros_like(w_DV))
+    if n_full == 1:
+        carry = chunk(carry, 0, c)
+    else:
+        carry = jax.lax.fori_loop(0, n_full, lambda k, carry: chunk(carry, k * c, c), carry)
+    if tail:
+        carry = chunk(carry, n_full * c, tail)
+    dh_ND, dw_DV_acc = carry
+    return dh_ND.astype(h_ND.dtype), dw_DV_acc
+
+
+def vocab_splits(N, V, bn, bv):
+    """(n_split, vocab blocks per split) for the forward grid (n_split, cdiv(N, bn)).
+
+    Enough splits for ~_MIN_PROGRAMS programs, at most one per vocab block; the per-split count is
+    rounded up and the split count recomputed from it, so every split has at least one vocab block.
+    """
+    n_vb = pl.cdiv(V, bv)
+    want = min(n_vb, max(1, pl.cdiv(_MIN_PROGRAMS, pl.cdiv(N, bn))))
+    per_split = pl.cdiv(n_vb, want)
+    return pl.cdiv(n_vb, per_split), per_split
+
+
+# ----------------------------------------------------------------------------- split combination
+
+
+def _combine_splits(m_SN, l_SN, tgt_SN, s_SN):
+    """Merge per-split online statistics (each relative to its own max m_s) into (lse, tgt, entropy).
+
+    With M = max_s m_s and alpha_s = exp(m_s - M): l = sum_s alpha_s l_s and
+    s = sum_s alpha_s (s_s + (m_s - M) l_s), the rescaling `online_update` applies on a max change.
+    """
+    m_1N = jnp.max(m_SN, axis=0, keepdims=True)
+    alpha_SN = jnp.exp(m_SN - m_1N)
+    l_N = jnp.sum(alpha_SN * l_SN, axis=0)
+    tgt_N = jnp.sum(tgt_SN, axis=0)
+    if s_SN is None:
+        return m_1N[0] + jnp.log(l_N), tgt_N, None
+    s_N = jnp.sum(alpha_SN * (s_SN + (m_SN - m_1N) * l_SN), axis=0)
+    lse_N, ent_N = finalize_stats(m_1N[0], l_N, s_N)
+    return lse_N, tgt_N, ent_N
 
 
 # ----------------------------------------------------------------------------- kernels
 
 
-def _fwd_kernel(t_ref, h_ref, w_ref, lse_ref, tgt_ref, *ent_ref, tiles, temperature, softcap,
-                with_entropy):
+def _fwd_kernel(t_ref, h_ref, w_ref, m_ref, l_ref, tgt_ref, *s_ref, tiles, per_split, temperature,
+                softcap, with_entropy, precision):
     T = tiles
-    row0 = pl.program_id(0) * T.bn
+    split = pl.program_id(0)
+    row0 = pl.program_id(1) * T.bn
     row_ok = _ok(row0, T.bn, T.N)
-    t = _load_rows(t_ref, row0, T.bn, row_ok, 0)
+    t = _load_rows(t_ref, row0, T.bn, row_ok)
+    n_vb = pl.cdiv(T.V, T.bv)
+    first = split * per_split
+    n_steps = per_split if n_vb % per_split == 0 else jnp.minimum(per_split, n_vb - first)
 
     def v_step(j, carry):
         m, l, s, tgt = carry
-        col0 = j * T.bv
-        a = scale_logits(_logits(h_ref, w_ref, row0, col0, T), temperature, softcap)
+        col0 = (first + j) * T.bv
+        a = scale_logits(_logits(h_ref, w_ref, row0, col0, T, precision), temperature, softcap)
         cols = col0 + jax.lax.broadcasted_iota(jnp.int32, (1, T.bv), 1)
-        valid = cols < T.V  # a target past V (another vocab shard's) must not hit a padded column
-        a = jnp.where(valid, a, MASKED)
-        tgt = tgt + jnp.sum(jnp.where((cols == t) & valid, a, 0.0), axis=1, keepdims=True)
+        hit = cols == t
+        if T.V % T.bv:  # padded columns of the last block: no mass, and no target at or past V hits them
+            valid = cols < T.V
+            a, hit = jnp.where(valid, a, MASKED), hit & valid
+        tgt = tgt + jnp.sum(jnp.where(hit, a, 0.0), axis=1, keepdims=True)
         m, l, s = online_update(m, l, s, a, with_entropy)
         return m, l, s, tgt
 
     zeros = jnp.zeros((T.bn, 1), jnp.float32)
     init = (jnp.full((T.bn, 1), MASKED, jnp.float32), zeros, zeros, zeros)
-    m, l, s, tgt = jax.lax.fori_loop(0, pl.cdiv(T.V, T.bv), v_step, init)
-    lse, ent = finalize_stats(m, l, s)
-    _store_rows(lse_ref, row0, lse, row_ok)
-    _store_rows(tgt_ref, row0, tgt, row_ok)
+    m, l, s, tgt = jax.lax.fori_loop(0, n_steps, v_step, init)
+    for ref, x in ((m_ref, m), (l_ref, l), (tgt_ref, tgt)) + (((s_ref[0], s),) if with_entropy else ()):
+        plgpu.store(ref.at[split, pl.ds(row0, T.bn)], x.reshape(T.bn), mask=row_ok)
+
+
+def _dz(h_ND, w_Dc, t_N, stats, *, temperature, softcap, blocks, interpret):
+    """dz [N, C] in w's dtype for one vocabulary chunk w_Dc (targets relative to the chunk)."""
+    N, D = h_ND.shape
+    C = w_Dc.shape[1]
+    tiles = _tiles(N, D, C, blocks.block_n_dz, blocks.block_v_dz, blocks.block_d, ("block_n_dz", "block_v_dz"))
+    kernel = functools.partial(_dz_kernel, tiles=tiles, temperature=temperature, softcap=softcap,
+                               with_entropy=len(stats) == 4, precision=_precision(h_ND.dtype, interpret))
+    return pl.pallas_call(
+        kernel,
+        grid=(pl.cdiv(C, tiles.bv), pl.cdiv(N, tiles.bn)),
+        out_shape=jax.ShapeDtypeStruct((N, C), w_Dc.dtype),
+        compiler_params=_compiler_params(tiles),
+        interpret=interpret,
+        name="polmjax_logprobs_dz",
+    )(t_N, *stats, h_ND, w_Dc)
+
+
+def _dz_kernel(*refs, tiles, temperature, softcap, with_entropy, precision):
+    *row_refs, h_ref, w_ref, dz_ref = refs
+    T = tiles
+    col0, row0 = pl.program_id(0) * T.bv, pl.program_id(1) * T.bn
+    row_ok, col_ok = _ok(row0, T.bn, T.N), _ok(col0, T.bv, T.V)
+    stats = [_load_rows(r, row0, T.bn, row_ok) for r in row_refs]
     if with_entropy:
-        _store_rows(ent_ref[0], row0, ent, row_ok)
-
-
-def _dh_kernel(*refs, tiles, temperature, softcap, with_entropy, barrier):
-    *row_refs, h_ref, w_ref, dh_ref = refs
-    T = tiles
-    row0 = pl.program_id(0) * T.bn
-    row_ok = _ok(row0, T.bn, T.N)
-    stats = [_load_rows(r, row0, T.bn, row_ok, 0) for r in row_refs]
-
-    def v_step(j, carry):
-        col0 = j * T.bv
-        dz = _dlogits(stats, h_ref, w_ref, row0, col0, T, temperature, softcap, with_entropy)
-        dz = dz.astype(w_ref.dtype)
-        col_ok = _ok(col0, T.bv, T.V)
-
-        def d_step(k, carry):
-            k0 = k * T.bd
-            k_ok = _ok(k0, T.bd, T.D)
-            w = plgpu.load(w_ref.at[pl.ds(k0, T.bd), pl.ds(col0, T.bv)],
-                           mask=_mask2(k_ok, col_ok), other=0.0)
-            part = jax.lax.dot_general(dz, w, _NT, preferred_element_type=jnp.float32)
-            _accumulate(dh_ref.at[pl.ds(row0, T.bn), pl.ds(k0, T.bd)], part, j == 0, _mask2(row_ok, k_ok))
-            return carry
-
-        jax.lax.fori_loop(0, pl.cdiv(T.D, T.bd), d_step, 0)
-        if barrier:  # this program reads its own stores of dh in the next vocab block
-            plgpu.debug_barrier()
-        return carry
-
-    jax.lax.fori_loop(0, pl.cdiv(T.V, T.bv), v_step, 0)
-
-
-def _dw_kernel(*refs, tiles, temperature, softcap, with_entropy, barrier):
-    *row_refs, h_ref, w_ref, dw_ref = refs
-    T = tiles
-    col0 = pl.program_id(0) * T.bv
-    col_ok = _ok(col0, T.bv, T.V)
-
-    def n_step(i, carry):
-        row0 = i * T.bn
-        row_ok = _ok(row0, T.bn, T.N)
-        stats = [_load_rows(r, row0, T.bn, row_ok, 0) for r in row_refs]
-        dz = _dlogits(stats, h_ref, w_ref, row0, col0, T, temperature, softcap, with_entropy)
-        if row_ok is not None:
-            dz = jnp.where(row_ok.reshape(T.bn, 1), dz, 0.0)
-        dz = dz.astype(h_ref.dtype)
-
-        def d_step(k, carry):
-            k0 = k * T.bd
-            k_ok = _ok(k0, T.bd, T.D)
-            h = plgpu.load(h_ref.at[pl.ds(row0, T.bn), pl.ds(k0, T.bd)],
-                           mask=_mask2(row_ok, k_ok), other=0.0)
-            part = jax.lax.dot_general(h, dz, _TN, preferred_element_type=jnp.float32)
-            _accumulate(dw_ref.at[pl.ds(k0, T.bd), pl.ds(col0, T.bv)], part, i == 0, _mask2(k_ok, col_ok))
-            return carry
-
-        jax.lax.fori_loop(0, pl.cdiv(T.D, T.bd), d_step, 0)
-        if barrier:
-            plgpu.debug_barrier()
-        return carry
-
-    jax.lax.fori_loop(0, pl.cdiv(T.N, T.bn), n_step, 0)
+        t, lse, g_lp, ent, g_ent = stats
+    else:
+        (t, lse, g_lp), ent, g_ent = stats, None, None
+    a = scale_logits(_logits(h_ref, w_ref, row0, col0, T, precision), temperature, softcap)
+    cols = col0 + jax.lax.broadcasted_iota(jnp.int32, (1, T.bv), 1)
+    dz = logits_grad(a, cols == t, lse, ent, g_lp, g_ent, temperature=temperature, softcap=softcap)
+    # Padded rows and columns (finite garbage: their loads read zeros) are not stored.
+    plgpu.store(dz_ref.at[pl.ds(row0, T.bn), pl.ds(col0, T.bv)], dz.astype(dz_ref.dtype),
+                mask=_mask2(row_ok, col_ok))
 
 
 # ----------------------------------------------------------------------------- tile helpers
@@ -197,12 +228,28 @@ class _Tiles(NamedTuple):
     bd: int
 
 
-def _tiles(N, D, V, bn, bv, bd):
-    for name, b in (("block_n", bn), ("block_v", bv), ("block_d", bd)):
+def _tiles(N, D, V, bn, bv, bd, names=("block_n", "block_v")):
+    for name, b in ((names[0], bn), (names[1], bv), ("block_d", bd)):
         if b < 16 or b & (b - 1):
             raise ValueError(f"token_logprobs (pallas_gpu): {name}={b} must be a power of two >= 16")
     fit = lambda b, size: max(16, min(b, pl.next_power_of_2(size)))  # noqa: E731
     return _Tiles(N, D, V, fit(bn, N), fit(bv, V), fit(bd, D))
+
+
+def _compiler_params(T):
+    """8 warps for float32 logits tiles of 64 x 128 and up (at 4 warps the 64 x 128 bf16 dz tile with
+    entropy and soft-cap needs all 255 registers), 4 below; the D loop is software-pipelined over 3
+    stages of shared memory."""
+    return plgpu.CompilerParams(num_warps=8 if T.bn * T.bv >= 64 * 128 else 4, num_stages=3)
+
+
+def _precision(dtype, interpret: bool):
+    """float32 inputs: 3xTF32 (tensor cores at about float32 accuracy; Triton and XLA:GPU would otherwise
+    use TF32, and IEEE float32 Triton dots spill registers, per ptxas); the interpreter (CPU) has no
+    3xTF32 and gets HIGHEST. bf16 needs no flag."""
+    if dtype != jnp.float32:
+        return None
+    return jax.lax.Precision.HIGHEST if interpret else jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
 
 
 def _ok(start, size, bound):
@@ -224,47 +271,26 @@ def _mask2(rows_ok, cols_ok):
     return r & c
 
 
-def _load_rows(ref, row0, bn, row_ok, other):
-    x = plgpu.load(ref.at[pl.ds(row0, bn)], mask=row_ok, other=None if row_ok is None else other)
-    return x.reshape(bn, 1)
+def _load(ref, mask):
+    """ref[...] with zeros where mask is False. Triton takes `other` only together with a mask (the
+    interpreter accepts both, so only a real GPU lowering catches `other` without one)."""
+    return plgpu.load(ref, mask=mask, other=None if mask is None else jnp.zeros((), ref.dtype))
 
 
-def _store_rows(ref, row0, x, row_ok):
-    plgpu.store(ref.at[pl.ds(row0, x.shape[0])], x.reshape(x.shape[0]), mask=row_ok)
+def _load_rows(ref, row0, bn, row_ok):
+    return _load(ref.at[pl.ds(row0, bn)], row_ok).reshape(bn, 1)
 
 
-def _accumulate(ref, part, first, mask):
-    """ref += part (ref := part on the first visit), only where mask."""
-    old = plgpu.load(ref, mask=mask, other=None if mask is None else 0.0)
-    plgpu.store(ref, jnp.where(first, part, old + part), mask=mask)
-
-
-def _logits(h_ref, w_ref, row0, col0, T):
-    """z [bn, bv] float32 = h[row0:, :] @ w[:, col0:], D in chunks of bd; out-of-bounds reads are 0."""
+def _logits(h_ref, w_ref, row0, col0, T, precision):
+    """z [bn, bv] float32 = h[row0:, :] @ w[:, col0:], D in chunks of bd; out-of-bounds reads are 0.
+    precision: `_precision` of the input dtype."""
     row_ok, col_ok = _ok(row0, T.bn, T.N), _ok(col0, T.bv, T.V)
 
     def k_step(k, acc):
         k0 = k * T.bd
         k_ok = _ok(k0, T.bd, T.D)
-        hm, wm = _mask2(row_ok, k_ok), _mask2(k_ok, col_ok)
-        h = plgpu.load(h_ref.at[pl.ds(row0, T.bn), pl.ds(k0, T.bd)], mask=hm,
-                       other=None if hm is None else 0.0)
-        w = plgpu.load(w_ref.at[pl.ds(k0, T.bd), pl.ds(col0, T.bv)], mask=wm,
-                       other=None if wm is None else 0.0)
-        return acc + jnp.dot(h, w, preferred_element_type=jnp.float32)
+        h = _load(h_ref.at[pl.ds(row0, T.bn), pl.ds(k0, T.bd)], _mask2(row_ok, k_ok))
+        w = _load(w_ref.at[pl.ds(k0, T.bd), pl.ds(col0, T.bv)], _mask2(k_ok, col_ok))
+        return acc + jnp.dot(h, w, precision=precision, preferred_element_type=jnp.float32)
 
     return jax.lax.fori_loop(0, pl.cdiv(T.D, T.bd), k_step, jnp.zeros((T.bn, T.bv), jnp.float32))
-
-
-def _dlogits(stats, h_ref, w_ref, row0, col0, T, temperature, softcap, with_entropy):
-    """dz [bn, bv] float32 for the tile at (row0, col0); zero in columns past V."""
-    if with_entropy:
-        t, lse, g_lp, ent, g_ent = stats
-    else:
-        (t, lse, g_lp), ent, g_ent = stats, None, None
-    a = scale_logits(_logits(h_ref, w_ref, row0, col0, T), temperature, softcap)
-    cols = col0 + jax.lax.broadcasted_iota(jnp.int32, (1, T.bv), 1)
-    dz = logits_grad(a, cols == t, lse, ent, g_lp, g_ent, temperature=temperature, softcap=softcap)
-    if T.V % T.bv:
-        dz = jnp.where(cols < T.V, dz, 0.0)
-    return dz

@@ -146,9 +146,12 @@ class BlockSizes:
     """Tile sizes of the kernels: tokens x vocabulary columns per grid step.
 
     block_n/block_v: the forward (and, for impl="xla", block_v is the vocabulary chunk).
-    block_n_dh/block_v_dh: the backward d_hidden kernel; block_n_dw/block_v_dw: d_unembed.
-    block_d: GPU only, the contraction chunk over D (Triton tiles live in registers).
-    vmem_limit_bytes: TPU scoped-VMEM limit passed to Mosaic.
+    TPU only: block_n_dh/block_v_dh, the backward d_hidden kernel; block_n_dw/block_v_dw, d_unembed;
+      vmem_limit_bytes, the scoped-VMEM limit passed to Mosaic.
+    GPU only: block_d, the contraction chunk over D (Triton tiles live in registers);
+      block_n_dz/block_v_dz, the backward kernel that recomputes dz for one vocabulary chunk;
+      chunk_v, the vocabulary columns per backward chunk (dz [N, chunk_v] is materialised and fed to
+      two cuBLAS matmuls; see `gpu.py`).
     TPU: block_n a multiple of 16 and block_v of 128 (or the whole dimension); GPU: powers of two >= 16.
     """
 
@@ -159,6 +162,9 @@ class BlockSizes:
     block_n_dw: int = 256
     block_v_dw: int = 512
     block_d: int = 64
+    block_n_dz: int = 64
+    block_v_dz: int = 128
+    chunk_v: int = 8192
     vmem_limit_bytes: int | None = None
 
     def __post_init__(self):
@@ -204,17 +210,24 @@ class BlockSizes:
 
     @classmethod
     def for_gpu(cls, d_model: int, dtype) -> BlockSizes:
-        """Triton tiles held in registers: a 64 x 128 float32 logits tile, D in chunks of 64.
+        """Triton tiles for Hopper (H100/H200), chosen by compile-time resources, not measured speed
+        (no GPU was at hand): the largest power-of-two tiles whose PTX compiles for sm_90a without
+        register spills, entropy, soft-cap and temperature included, with 3 pipeline stages of the
+        h / w tiles in shared memory (<= 96 KiB).
 
-        The backward kernels accumulate in HBM once per vocab block (d_hidden) or token block
-        (d_unembed), so the long side of their tile is that axis. Untuned: no GPU was at hand.
+        bf16: forward and dz 128 x 128, block_d 64 (<= 215 registers/thread at 8 warps). fp32: forward
+        128 x 128, dz 64 x 128 (dz at 128 x 128 reaches the 255-register cap), block_d 32.
+        chunk_v: the largest power of two in [1024, 8192] whose unembedding chunk (D * chunk_v * itemsize)
+        fits 32 MiB, so the dz kernel reads it from L2 (50 MiB on H100) for every token block; the dz
+        temporary is N * chunk_v * itemsize bytes.
         """
-        del d_model
-        if jnp.dtype(dtype).itemsize >= 4:
-            return cls(block_n=64, block_v=64, block_n_dh=64, block_v_dh=64, block_n_dw=64, block_v_dw=64,
-                       block_d=32)
-        return cls(block_n=64, block_v=128, block_n_dh=64, block_v_dh=128, block_n_dw=128, block_v_dw=64,
-                   block_d=64)
+        itemsize = jnp.dtype(dtype).itemsize
+        chunk_v = 8192
+        while chunk_v > 1024 and d_model * chunk_v * itemsize > 32 * _MiB:
+            chunk_v //= 2
+        if itemsize >= 4:
+            return cls(block_n=128, block_v=128, block_n_dz=64, block_v_dz=128, block_d=32, chunk_v=chunk_v)
+        return cls(block_n=128, block_v=128, block_n_dz=128, block_v_dz=128, block_d=64, chunk_v=chunk_v)
 
 
 # (block_n, block_v) in order of preference; the first that fits VMEM is taken.

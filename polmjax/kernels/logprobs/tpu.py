@@ -73,7 +73,7 @@ def forward_stats(h_ND, w_DV, t_N, *, temperature, softcap, with_entropy, blocks
         ),
         cost_estimate=_cost(N, D, V, h_ND.dtype, matmuls=1, h_reads=1, w_reads=pl.cdiv(N, bn)),
         interpret=interpret,
-        name="token_logprobs_fwd",
+        name="polmjax_logprobs_fwd",
     )(t_N.reshape(N, 1), h_ND, w_DV)
     lse_N, tgt_N = outs[0][:, 0], outs[1][:, 0]
     return lse_N, tgt_N, (outs[2][:, 0] if with_entropy else None)
@@ -110,7 +110,7 @@ def backward(h_ND, w_DV, t_N, lse_N, ent_N, g_lp_N, g_ent_N, *, temperature, sof
         compiler_params=params(("parallel", "arbitrary")),
         cost_estimate=_cost(N, D, V, h_ND.dtype, matmuls=2, h_reads=2, w_reads=pl.cdiv(N, bn)),
         interpret=interpret,
-        name="token_logprobs_bwd_dhidden",
+        name="polmjax_logprobs_dhidden",
     )(*rows, h_ND, w_DV)
 
     # d_unembed: vocab blocks outer, token blocks inner (the reduction).
@@ -129,7 +129,7 @@ def backward(h_ND, w_DV, t_N, lse_N, ent_N, g_lp_N, g_ent_N, *, temperature, sof
         compiler_params=params(("parallel", "arbitrary")),
         cost_estimate=_cost(N, D, V, h_ND.dtype, matmuls=2, h_reads=pl.cdiv(V, bv), w_reads=2),
         interpret=interpret,
-        name="token_logprobs_bwd_dunembed",
+        name="polmjax_logprobs_dunembed",
     )(*rows, h_ND, w_DV)
     return dh_ND, dw_DV
 
