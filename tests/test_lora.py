@@ -78,7 +78,8 @@ def test_dropout_is_random_only_with_rng(base_dir):
     ids = jnp.asarray(np.random.RandomState(3).randint(3, VOCAB, (1, 6)))
     p = model.params()
     run = lambda rng: models.forward_hidden(model.config, p, ids, dropout_rng=rng)[0]  # noqa: E731
-    np.testing.assert_array_equal(np.asarray(run(None)), np.asarray(model.hidden_states(ids)[0]))
+    # model.hidden_states is compiled (fusion may round differently from the eager run): no dropout there either
+    np.testing.assert_allclose(np.asarray(run(None)), np.asarray(model.hidden_states(ids)[0]), atol=1e-5, rtol=0)
     a, b = run(jax.random.key(0)), run(jax.random.key(1))
     assert not np.allclose(np.asarray(a), np.asarray(b))
 

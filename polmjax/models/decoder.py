@@ -467,15 +467,16 @@ class Decoder(nnx.Module):
         return out
 
     def __call__(self, input_ids_BT, positions=None, segment_ids=None, cache: KVCache | None = None):
-        """Float32 logits [B, T, V]; with a cache, (logits, updated cache)."""
-        x, new_cache = self.hidden_states(input_ids_BT, positions, segment_ids, cache)
-        logits = logits_from_hidden(self.config, self.params(), x, self.mesh, self.rules_dict)
+        """Float32 logits [B, T, V]; with a cache, (logits, updated cache). Compiled once per shape (inside
+        an outer `jax.jit` it is inlined; `jax.disable_jit()` runs it op by op for debugging)."""
+        logits, new_cache = _apply(self.params(), input_ids_BT, positions, segment_ids, cache, cfg=self.config,
+                                   mesh=self.mesh, rules=self.rules, with_logits=True)
         return logits if cache is None else (logits, new_cache)
 
     def hidden_states(self, input_ids_BT, positions=None, segment_ids=None, cache: KVCache | None = None):
         """(final hidden states [B, T, D], cache or None): what `token_logprobs` consumes."""
-        return forward_hidden(self.config, self.params(), input_ids_BT, positions, segment_ids, cache,
-                              mesh=self.mesh, rules=self.rules_dict)
+        return _apply(self.params(), input_ids_BT, positions, segment_ids, cache, cfg=self.config,
+                      mesh=self.mesh, rules=self.rules, with_logits=False)
 
     def unembed(self) -> jax.Array:
         """[D, V] output projection, without computing any logits."""
@@ -489,6 +490,16 @@ class Decoder(nnx.Module):
             a, mesh_lib.named_sharding(self.mesh, axes, a.shape, self.rules_dict))
         return KVCache(put(cache.k, CACHE_AXES), put(cache.v, CACHE_AXES),
                        put(cache.segment_ids, ("act_batch", "cache_len")), cache.index)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh", "rules", "with_logits"))
+def _apply(params, input_ids_BT, positions, segment_ids, cache, *, cfg, mesh, rules, with_logits):
+    """`Decoder.__call__` / `hidden_states` as one compiled program (rules: the hashable tuple form)."""
+    rules = None if rules is None else dict(rules)
+    x, new_cache = forward_hidden(cfg, params, input_ids_BT, positions, segment_ids, cache, mesh=mesh, rules=rules)
+    if with_logits:
+        x = logits_from_hidden(cfg, params, x, mesh, rules)
+    return x, new_cache
 
 
 def create(cfg: ModelConfig, seed: int = 0, mesh: Mesh | None = None, rules=None) -> Decoder:
