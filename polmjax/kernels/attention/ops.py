@@ -8,9 +8,9 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from polmjax.kernels.attention import gpu, tpu
 from polmjax.kernels.attention.flash import BlockSizes, Static, flash_attention
 from polmjax.kernels.attention.reference import attention_reference
+from polmjax.kernels.backends import pallas_backend
 
 # "auto": pallas_tpu on TPU, pallas_gpu on GPU, xla elsewhere. "xla": the pure-jnp reference.
 # "pallas_tpu" / "pallas_gpu": FlashAttention-2 Pallas kernels (Mosaic TPU / Triton), forward + backward.
@@ -92,7 +92,7 @@ def attention(
         raise ValueError(f"attention: q_offset must be a scalar, got shape {offset.shape}")
     if q_seg is not None:
         q_seg, kv_seg = q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
-    backend = tpu if impl == "pallas_tpu" else gpu
+    backend = pallas_backend(__package__, impl)
     return flash_attention(backend, q_BTHK, k_BSGK, v_BSGK, q_seg, kv_seg, offset, static)
 
 

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from polmjax.kernels.logprobs import gpu, reference, tpu
+from polmjax.kernels.backends import pallas_backend
+from polmjax.kernels.logprobs import reference
 
 IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
 
@@ -191,9 +192,10 @@ class BlockSizes:
         """
         capacity = _TPU_VMEM.get(device_kind, 64 * _MiB)
         budget, itemsize = int(0.7 * capacity), jnp.dtype(dtype).itemsize
+        vmem_bytes = pallas_backend(__package__, "pallas_tpu").vmem_bytes
         pick = {}
         for kernel, prefs in (("fwd", _TPU_FWD_PREFS), ("dh", _TPU_DH_PREFS), ("dw", _TPU_DW_PREFS)):
-            fits = [p for p in prefs if tpu.vmem_bytes(kernel, *p, d_model, itemsize) <= budget]
+            fits = [p for p in prefs if vmem_bytes(kernel, *p, d_model, itemsize) <= budget]
             if not fits:
                 raise ValueError(
                     f"token_logprobs: D={d_model} ({jnp.dtype(dtype).name}) is too wide for the Pallas TPU "
@@ -296,7 +298,7 @@ def _backend(cfg, n_tokens):
         module = reference
     else:
         common.update(blocks=cfg.blocks, interpret=cfg.interpret)
-        module = tpu if cfg.impl == "pallas_tpu" else gpu
+        module = pallas_backend(__package__, cfg.impl)
     return (functools.partial(module.forward_stats, **common), functools.partial(module.backward, **common))
 
 
