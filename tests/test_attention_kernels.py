@@ -301,7 +301,6 @@ def _small():
     (dict(impl="pallas_tpu", interpret=True, block_sizes=BlockSizes(100, 128)), "block_q=100"),
     (dict(impl="pallas_gpu", interpret=True, block_sizes=BlockSizes(32, 48)), "block_kv=48"),
     (dict(impl="cudnn", softcap=30.0), "softcap"),
-    (dict(impl="cudnn", segment_ids=jnp.zeros((1, 8), jnp.int32)), "segment_ids"),
     (dict(impl="cudnn", q_offset=3), "q_offset"),
     (dict(impl="cudnn", causal=False, window=4), "window"),
     (dict(window=0), "window"),

@@ -21,4 +21,4 @@ python3 -c "import jax; print(jax.__version__, jax.devices())" 2>&1 | tee "$OUT/
 timeout 180 python3 -m pytest -q -n 4 -p no:cacheprovider tests/test_kernels_on_gpu.py 2>&1 | tail -25 | tee "$OUT/tests.txt"
 timeout 200 python3 experiments/benchmarks/kernels.py 2>&1 | tee "$OUT/kernels.txt"
 timeout 180 python3 experiments/benchmarks/sft_mfu.py --steps 3 --warmup 1 \
-  --pairs xla:xla pallas_gpu:pallas_gpu pallas_gpu:xla 2>&1 | tee "$OUT/sft_mfu.txt"
+  --pairs xla:xla pallas_gpu:pallas_gpu cudnn:pallas_gpu 2>&1 | tee "$OUT/sft_mfu.txt"

@@ -2,8 +2,8 @@
 
 The same random model, packed batch and AdamW step (`jit_sft_step`, bf16 compute over fp32 master
 weights, remat `dots_no_batch`) timed with each (attention_impl, logprob_impl) pair, so the rows show what
-the Pallas kernels buy end to end. (cuDNN is not a row: the batch is packed, and our cuDNN path
-takes no segment ids; `kernels.py` compares attention with cuDNN directly.) MFU = analytic training FLOPs (`polmjax.logging.train_flops_per_token`)
+the Pallas kernels buy end to end. On a GPU, cuDNN attention is a row too (the packed documents reach
+it as a dense [B, 1, T, T] mask). MFU = analytic training FLOPs (`polmjax.logging.train_flops_per_token`)
 x tokens/s / the device's peak bf16 FLOP/s. A benchmark: meaningful on a GPU or TPU.
 
     python experiments/benchmarks/sft_mfu.py                       # GPU / TPU: batch 8 x 4096
@@ -50,6 +50,8 @@ def main(argv=None):
         args.batch, args.seq_len, args.steps = 4, 256, 3
     pallas = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform)
     rows = [("xla", "xla")] + ([(pallas, pallas), ("xla", pallas), (pallas, "xla")] if pallas else [])
+    if platform == "gpu":
+        rows.append(("cudnn", pallas))
     if args.pairs:
         rows = [tuple(pair.split(":")) for pair in args.pairs]
     peak = device_peak_flops(device.device_kind)

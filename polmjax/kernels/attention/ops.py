@@ -76,7 +76,7 @@ def attention(
             window=window, softcap=softcap, scale=scale, q_offset=q_offset,
         )
     if impl == "cudnn":
-        return _cudnn(q_BTHK, k_BSGK, v_BSGK, q_seg, causal, window, softcap, scale, q_offset)
+        return _cudnn(q_BTHK, k_BSGK, v_BSGK, q_seg, kv_seg, causal, window, softcap, scale, q_offset)
     T, K = q_BTHK.shape[1], q_BTHK.shape[3]
     S = k_BSGK.shape[1]
     static = Static(
@@ -193,13 +193,11 @@ def _auto_impl(platform: str) -> str:
     return {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu"}.get(platform, "xla")
 
 
-def _cudnn(q, k, v, q_seg, causal, window, softcap, scale, q_offset):
+def _cudnn(q, k, v, q_seg, kv_seg, causal, window, softcap, scale, q_offset):
     """jax.nn.dot_product_attention(implementation="cudnn") where it means the same as ours."""
     T, S = q.shape[1], k.shape[1]
     if softcap is not None:
         raise ValueError("attention(impl='cudnn'): softcap is not supported by cuDNN; use impl='pallas_gpu'")
-    if q_seg is not None:
-        raise ValueError("attention(impl='cudnn'): segment_ids are not supported by cuDNN; use impl='pallas_gpu'")
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError(f"attention(impl='cudnn'): dtype {q.dtype} is not supported by cuDNN; use bf16/fp16")
     if window is not None and not causal:
@@ -212,8 +210,11 @@ def _cudnn(q, k, v, q_seg, causal, window, softcap, scale, q_offset):
                 f"attention(impl='cudnn'): q_offset={offset!r} is not supported by cuDNN (causal masks need "
                 "q_offset == 0, i.e. T == S); use impl='pallas_gpu'"
             )
+    # cuDNN has no segment-id input: packed documents go in as a dense [B, 1, T, S] boolean mask (O(T * S)
+    # memory per call, where the Pallas kernels compare ids tile by tile).
+    mask = None if q_seg is None else (q_seg[:, None, :, None] == kv_seg[:, None, None, :])
     return jax.nn.dot_product_attention(
-        q, k, v, scale=scale, is_causal=causal,
+        q, k, v, mask=mask, scale=scale, is_causal=causal,
         local_window_size=None if window is None else (window - 1, 0), implementation="cudnn",
     )
 
