@@ -13,9 +13,9 @@ shared-memory overflow of a Triton kernel, lowering errors that interpret mode n
 GPU targets need JAX_PLATFORMS=cpu on a host without CUDA libraries (the CUDA plugin then registers for
 compilation only instead of failing its runtime check).
 
-`triton_kernels(lowered)` reports each Pallas GPU kernel's grid, threads, shared memory (from XLA's
-thunk sequence) and registers and spills (ptxas on the kernel's PTX), and the resulting thread blocks
-per SM: the resources that decide whether a tile size is viable, read without a GPU.
+`compile_with_kernels(lowered)` compiles once and reports each Pallas GPU kernel's grid, threads, shared
+memory (from XLA's thunk sequence), registers and spills (ptxas on the kernel's PTX), and the resulting
+thread blocks per SM: the resources that decide whether a tile size is viable, read without a GPU.
 """
 
 from __future__ import annotations
@@ -164,15 +164,16 @@ class KernelResources:
                 f"  blocks/SM {unknown(self.blocks_per_sm)}")
 
 
-def triton_kernels(lowered, spec: GpuSpec | str = "h100", prefix: str = "polmjax_") -> list[KernelResources]:
-    """Compile `lowered` (a `jax.jit(f).lower(...)` for GPU devices) and report its kernels named `prefix`*.
+def compile_with_kernels(lowered, spec: GpuSpec | str = "h100", prefix: str = "polmjax_"):
+    """(compiled, kernels): compile `lowered` (a `jax.jit(f).lower(...)` for GPU devices) and report its
+    kernels named `prefix`* as a list of KernelResources.
 
     Grid, threads and shared memory come from XLA's thunk sequence; registers and spill bytes from
     `ptxas -v` on the kernel's PTX (ptxas from nvidia-cuda-nvcc-cu12 or the PATH; None without it).
     """
     spec = GPUS[spec] if isinstance(spec, str) else spec
     with tempfile.TemporaryDirectory() as dump:
-        lowered.compile(compiler_options={"xla_dump_to": dump})
+        compiled = lowered.compile(compiler_options={"xla_dump_to": dump})
         launches = {}
         for path in glob.glob(os.path.join(dump, "*thunk_sequence.txt")):
             for m in re.finditer(r"(\S+) grid: \[([\d, ]+)\] threads: \[([\d, ]+)\]\s+shared_memory: (\d+) bytes",
@@ -192,7 +193,7 @@ def triton_kernels(lowered, spec: GpuSpec | str = "h100", prefix: str = "polmjax
                 regs, spills = _ptxas_resources(ptxas, ptx[name], name)
             report.append(KernelResources(name, grid, threads, smem, regs, spills,
                                           _blocks_per_sm(spec, threads, smem, regs)))
-    return report
+    return compiled, report
 
 
 def _ptxas() -> str | None:

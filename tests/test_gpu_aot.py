@@ -56,7 +56,7 @@ def test_flash_attention_compiles_for_gpu(gpu, head_dim):
     kv = _on(device, (2, 8192, 4, head_dim), jnp.bfloat16)
     # the defaults a real GPU of this kind picks (here the default device is the CPU)
     blocks = BlockSizes.default("pallas_gpu", head_dim=head_dim, device_kind=device.device_kind)
-    kernels = aot.triton_kernels(_attention_grad("pallas_gpu", block_sizes=blocks).lower(q, kv, kv), gpu)
+    _, kernels = aot.compile_with_kernels(_attention_grad("pallas_gpu", block_sizes=blocks).lower(q, kv, kv), gpu)
     _check_resources(kernels, ["polmjax_flash_fwd", "polmjax_flash_dq", "polmjax_flash_dkv"])
     assert all(k.spill_bytes in (0, None) for k in kernels)  # the default tiles fit registers
 
@@ -69,7 +69,7 @@ def test_flash_attention_float32_compiles_for_h100(head_dim):
     q = _on(device, (2, 2048, 8, head_dim), jnp.float32)
     kv = _on(device, (2, 2048, 2, head_dim), jnp.float32)
     blocks = BlockSizes.default("pallas_gpu", head_dim=head_dim, device_kind=device.device_kind, dtype=jnp.float32)
-    kernels = aot.triton_kernels(_attention_grad("pallas_gpu", block_sizes=blocks).lower(q, kv, kv), "h100")
+    _, kernels = aot.compile_with_kernels(_attention_grad("pallas_gpu", block_sizes=blocks).lower(q, kv, kv), "h100")
     _check_resources(kernels, ["polmjax_flash_fwd", "polmjax_flash_dq", "polmjax_flash_dkv"])
 
 
@@ -113,10 +113,10 @@ def test_token_logprobs_compiles_for_gpu_within_memory_target(gpu):
     N, D, V = 16384, 2048, 131072
     args = (_on(device, (N, D), jnp.bfloat16), _on(device, (D, V), jnp.bfloat16), _on(device, (N,), jnp.int32))
     ours = _logprob_grad(token_logprobs, impl="pallas_gpu").lower(*args)
-    kernels = aot.triton_kernels(ours, gpu)
+    compiled, kernels = aot.compile_with_kernels(ours, gpu)
     _check_resources(kernels, _LOGPROB_KERNELS)
     assert all(k.spill_bytes in (0, None) for k in kernels)
-    temp = ours.compile().memory_analysis().temp_size_in_bytes
+    temp = compiled.memory_analysis().temp_size_in_bytes
     naive = _logprob_grad(token_logprobs_naive).lower(*args).compile().memory_analysis().temp_size_in_bytes
     print(f"{gpu}: pallas_gpu {temp / 2**20:.1f} MiB, naive {naive / 2**20:.1f} MiB ({temp / naive:.1%})")
     assert temp <= 0.10 * naive
@@ -127,7 +127,7 @@ def test_token_logprobs_float32_no_spills_on_h100():
     device = target_devices("h100")[0]
     N, D, V = 16384, 2048, 131072
     args = (_on(device, (N, D), jnp.float32), _on(device, (D, V), jnp.float32), _on(device, (N,), jnp.int32))
-    kernels = aot.triton_kernels(_logprob_grad(token_logprobs, impl="pallas_gpu").lower(*args), "h100")
+    _, kernels = aot.compile_with_kernels(_logprob_grad(token_logprobs, impl="pallas_gpu").lower(*args), "h100")
     _check_resources(kernels, _LOGPROB_KERNELS)
     assert all(k.spill_bytes in (0, None) for k in kernels)
 

@@ -5,7 +5,7 @@ No GPU runs here, so nothing is timed. For each target (A100, H100, H200 by defa
 D=2048, V=131072 bf16), forward + backward is compiled with the real XLA:GPU + Triton compilers and the
 script prints the temporary memory XLA reserves (`memory_analysis()`), ours vs the XLA reference, cuDNN
 and the naive log-prob path, and each Pallas kernel's grid, shared memory, registers, spills and resident
-blocks per SM (`polmjax.aot.triton_kernels`, ptxas on the PTX).
+blocks per SM (`polmjax.aot.compile_with_kernels`, ptxas on the PTX).
 
     pip install -e ".[gpu-aot]"
     JAX_PLATFORMS=cpu python experiments/benchmarks/kernels_gpu_aot.py [--targets h100 a100] [--seq-len 8192]
@@ -45,9 +45,9 @@ def _on(device, shape, dtype):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=jax.sharding.SingleDeviceSharding(device))
 
 
-def _temp_mib(lower):
+def _temp_mib(compile_):
     try:
-        return f"{lower().compile().memory_analysis().temp_size_in_bytes / 2**20:9.1f} MiB"
+        return f"{compile_().memory_analysis().temp_size_in_bytes / 2**20:9.1f} MiB"
     except Exception as err:  # e.g. cuDNN's version check needs the cuDNN library (jax[cuda12])
         return f"unavailable ({type(err).__name__}: {str(err)[:60]})"
 
@@ -62,10 +62,10 @@ def _attention(target, device, T, K):
         loss = lambda q, k, v: attention(q, k, v, impl=impl, **kw).astype(jnp.float32).sum()  # noqa: E731
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv)
 
-    ours = lowered("pallas_gpu", block_sizes=blocks)
+    ours, kernels = aot.compile_with_kernels(lowered("pallas_gpu", block_sizes=blocks), target)
     for impl in ("pallas_gpu", "xla", "cudnn"):
-        print(f"  temp {impl:<10} {_temp_mib(lambda: ours if impl == 'pallas_gpu' else lowered(impl))}")
-    for k in aot.triton_kernels(ours, target):
+        print(f"  temp {impl:<10} {_temp_mib(lambda: ours if impl == 'pallas_gpu' else lowered(impl).compile())}")
+    for k in kernels:
         print("  " + k.row())
 
 
@@ -78,11 +78,12 @@ def _logprobs(target, device):
         loss = lambda h, w, t: fn(h, w, t, **kw).sum()  # noqa: E731
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(*args)
 
-    ours = lowered(token_logprobs, impl="pallas_gpu")
-    for name, lower in (("pallas_gpu", lambda: ours), ("xla", lambda: lowered(token_logprobs, impl="xla")),
-                        ("naive", lambda: lowered(token_logprobs_naive))):
-        print(f"  temp {name:<10} {_temp_mib(lower)}")
-    for k in aot.triton_kernels(ours, target):
+    ours, kernels = aot.compile_with_kernels(lowered(token_logprobs, impl="pallas_gpu"), target)
+    for name, compile_ in (("pallas_gpu", lambda: ours),
+                           ("xla", lambda: lowered(token_logprobs, impl="xla").compile()),
+                           ("naive", lambda: lowered(token_logprobs_naive).compile())):
+        print(f"  temp {name:<10} {_temp_mib(compile_)}")
+    for k in kernels:
         print("  " + k.row())
 
 

@@ -81,7 +81,7 @@ class BlockSizes:
         32 x 32 tiles everywhere: larger ones overflow shared memory or spill more; the dk/dv kernel still
         spills up to ~100 bytes at head dim 64/128, and at 256 every kernel spills KiBs (float32 attention
         is correct there, not fast: use bf16). Chosen from the compiled kernels' registers, spills and shared memory
-        (`polmjax.aot.triton_kernels`), not from timings.
+        (`polmjax.aot.compile_with_kernels`), not from timings.
         """
         if jnp.dtype(dtype) == jnp.float32:
             return cls(block_q=32, block_kv=32, block_q_bwd=32, block_kv_bwd=32)

@@ -29,6 +29,7 @@ from polmjax.kernels.attention.flash import (
     q_block_range,
     round_up,
 )
+from polmjax.kernels.backends import triton_dot_precision
 
 
 def forward(q_BTHK, k_BSGK, v_BSGK, q_seg_BT, kv_seg_BS, q_offset, static: Static):
@@ -155,11 +156,7 @@ def _fwd_kernel(pos_ref, q_ref, k_ref, v_ref, *refs, geo, static, segmented):
         acc, m, l = carry
         k_slice = pl.ds(j * bk, bk)
         s, _ = _logits(q, k_ref[k_slice, :], static)  # [bq, bk]
-        mask = None
-        if masked:
-            mask = _mask(q_pos[:, None], (j * bk + jnp.arange(bk))[None, :], geo, static)
-            if segmented:
-                mask = _and(mask, q_seg[:, None] == kvseg_ref[k_slice][None, :])
+        mask = _key_block_mask(q_pos, q_seg, kvseg_ref, j, bk, geo, static) if masked else None
         if mask is not None:
             s = jnp.where(mask, s, MASK_VALUE)
         m_next = jnp.maximum(m, jnp.max(s, axis=1))
@@ -168,7 +165,7 @@ def _fwd_kernel(pos_ref, q_ref, k_ref, v_ref, *refs, geo, static, segmented):
         if mask is not None:
             p = jnp.where(mask, p, 0.0)
         v = v_ref[k_slice, :]
-        acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v, precision=_precision(v.dtype, static.interpret))
+        acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v, precision=triton_dot_precision(v.dtype, static.interpret))
         return acc, m_next, l * alpha + jnp.sum(p, axis=1)
 
     init = (jnp.zeros((bq, geo.Kp), jnp.float32), jnp.full((bq,), MASK_VALUE, jnp.float32),
@@ -198,18 +195,14 @@ def _dq_kernel(pos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, geo
         k, v = k_ref[k_slice, :], v_ref[k_slice, :]
         s, tanh = _logits(q, k, static)
         p = jnp.exp(s - lse[:, None])
-        mask = None
-        if masked:
-            mask = _mask(q_pos[:, None], (j * bk + jnp.arange(bk))[None, :], geo, static)
-            if segmented:
-                mask = _and(mask, q_seg[:, None] == kvseg_ref[k_slice][None, :])
+        mask = _key_block_mask(q_pos, q_seg, kvseg_ref, j, bk, geo, static) if masked else None
         if mask is not None:
             p = jnp.where(mask, p, 0.0)
-        dp = plgpu.dot(do, v, trans_b=True, precision=_precision(v.dtype, static.interpret))
+        dp = plgpu.dot(do, v, trans_b=True, precision=triton_dot_precision(v.dtype, static.interpret))
         ds = p * (dp - di[:, None])
         if tanh is not None:
             ds = ds * (1.0 - tanh * tanh)
-        return dq + plgpu.dot(ds.astype(k.dtype), k, precision=_precision(k.dtype, static.interpret))
+        return dq + plgpu.dot(ds.astype(k.dtype), k, precision=triton_dot_precision(k.dtype, static.interpret))
 
     dq = _tile_loop(body, jnp.zeros((bq, geo.Kp), jnp.float32), *ranges, geo=geo, static=static,
                     segmented=segmented)
@@ -240,17 +233,16 @@ def _dkv_kernel(pos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, ge
         p_t = jnp.exp(s_t - lse_ref[r, q_slice][None, :])
         mask = None
         if masked:
-            mask = _mask(pos_ref[q_slice][None, :], k_pos[:, None], geo, static)
-            if segmented:
-                mask = _and(mask, kv_seg[:, None] == qseg_ref[q_slice][None, :])
+            segs = (qseg_ref[q_slice][None, :], kv_seg[:, None]) if segmented else None
+            mask = _mask(pos_ref[q_slice][None, :], k_pos[:, None], geo, static, segs)
         if mask is not None:
             p_t = jnp.where(mask, p_t, 0.0)
-        dv = dv + plgpu.dot(p_t.astype(do.dtype), do, precision=_precision(do.dtype, static.interpret))
-        dp_t = plgpu.dot(v, do, trans_b=True, precision=_precision(do.dtype, static.interpret))
+        dv = dv + plgpu.dot(p_t.astype(do.dtype), do, precision=triton_dot_precision(do.dtype, static.interpret))
+        dp_t = plgpu.dot(v, do, trans_b=True, precision=triton_dot_precision(do.dtype, static.interpret))
         ds_t = p_t * (dp_t - di_ref[r, q_slice][None, :])
         if tanh_t is not None:
             ds_t = ds_t * (1.0 - tanh_t * tanh_t)
-        return dk + plgpu.dot(ds_t.astype(q.dtype), q, precision=_precision(q.dtype, static.interpret)), dv
+        return dk + plgpu.dot(ds_t.astype(q.dtype), q, precision=triton_dot_precision(q.dtype, static.interpret)), dv
 
     def head(r, carry):
         return _tile_loop(functools.partial(q_tile, r=r), carry, *ranges, geo=geo, static=static,
@@ -264,16 +256,23 @@ def _dkv_kernel(pos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, ge
 
 def _logits(a, b, static: Static):
     """scale * a b^T in float32, soft-capped; also tanh(logits / softcap) for the backward's chain rule."""
-    s = plgpu.dot(a, b, trans_b=True, precision=_precision(a.dtype, static.interpret)) * static.scale
+    s = plgpu.dot(a, b, trans_b=True, precision=triton_dot_precision(a.dtype, static.interpret)) * static.scale
     if static.softcap is None:
         return s, None
     tanh = jnp.tanh(s * (1.0 / static.softcap))
     return tanh * static.softcap, tanh
 
 
-def _mask(q_pos, k_pos, geo, static: Static):
-    """Positional mask (causal, window, key padding) from broadcastable position arrays, or None."""
-    mask = None
+def _key_block_mask(q_pos, q_seg, kvseg_ref, j, bk: int, geo, static: Static):
+    """Mask [bq, bk] of a query tile (positions q_pos, segment ids q_seg or None) against key block j."""
+    segs = None if q_seg is None else (q_seg[:, None], kvseg_ref[pl.ds(j * bk, bk)][None, :])
+    return _mask(q_pos[:, None], (j * bk + jnp.arange(bk))[None, :], geo, static, segs)
+
+
+def _mask(q_pos, k_pos, geo, static: Static, segs=None):
+    """Mask (causal, window, key padding, and same segment when segs = (q_seg, k_seg)) from broadcastable
+    position and segment arrays, or None when nothing is masked."""
+    mask = None if segs is None else segs[0] == segs[1]
     if static.causal:
         mask = _and(mask, k_pos <= q_pos)
     if static.window is not None:
@@ -312,15 +311,6 @@ def _tile_loop(step, carry, lo, hi, full_lo, full_hi, *, geo, static: Static, se
     carry = lax.fori_loop(lo, mid_lo, functools.partial(step, masked=True), carry)
     carry = lax.fori_loop(mid_lo, mid_end, functools.partial(step, masked=False), carry)
     return lax.fori_loop(mid_end, hi + 1, functools.partial(step, masked=True), carry)
-
-
-def _precision(dtype, interpret: bool):
-    """float32 inputs: 3xTF32 on the GPU (tensor cores at about float32 accuracy; IEEE float32 Triton dots
-    spill 8-160 KiB of registers per kernel, per ptxas); the interpreter (CPU) has no 3xTF32 and gets
-    HIGHEST. Lower-precision inputs need no flag."""
-    if dtype != jnp.float32:
-        return None
-    return lax.Precision.HIGHEST if interpret else lax.DotAlgorithmPreset.TF32_TF32_F32_X3
 
 
 @dataclasses.dataclass(frozen=True)

@@ -151,10 +151,8 @@ def _fwd_kernel(off_ref, q_ref, k_ref, v_ref, *refs, geo, static, segmented):
         s, _ = _logits(q_ref[...], k_ref[...], _NT, static)  # [bq, bk]
         mask = None
         if masked:
-            mask = _tile_mask(q_first, k_first, (bq, bk), 0, geo, static)
-            if segmented:
-                seg = jnp.tile(qseg_ref[...], (1, bk // LANES)) == kvseg_ref[:1, :]
-                mask = seg if mask is None else mask & seg
+            seg = _segment_mask(qseg_ref, kvseg_ref, bk) if segmented else None
+            mask = _tile_mask(q_first, k_first, (bq, bk), 0, geo, static, seg)
             if mask is not None:
                 s = jnp.where(mask, s, MASK_VALUE)
         m_prev, l_prev = m_ref[...], l_ref[...]
@@ -199,10 +197,8 @@ def _dq_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, geo
         s, tanh = _logits(q_ref[...], k, _NT, static)  # [bq, bk]
         p = jnp.exp(s - jnp.expand_dims(lse_ref[0], 1))
         if masked:
-            mask = _tile_mask(q_first, k_first, (bq, bk), 0, geo, static)
-            if segmented:
-                seg = jnp.tile(qseg_ref[...], (1, bk // LANES)) == kvseg_ref[:1, :]
-                mask = seg if mask is None else mask & seg
+            seg = _segment_mask(qseg_ref, kvseg_ref, bk) if segmented else None
+            mask = _tile_mask(q_first, k_first, (bq, bk), 0, geo, static, seg)
             if mask is not None:
                 p = jnp.where(mask, p, 0.0)
         dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
@@ -237,10 +233,8 @@ def _dkv_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, ge
         s_t, tanh_t = _logits(k_ref[...], q, _NT, static)  # transposed tile [bk, bq]: keys on sublanes
         p_t = jnp.exp(s_t - lse_ref[:1, :])
         if masked:
-            mask = _tile_mask(q_first, k_first, (bk, bq), 1, geo, static)
-            if segmented:
-                seg = jnp.tile(kvseg_ref[...], (1, bq // LANES)) == qseg_ref[:1, :]
-                mask = seg if mask is None else mask & seg
+            seg = _segment_mask(kvseg_ref, qseg_ref, bq) if segmented else None
+            mask = _tile_mask(q_first, k_first, (bk, bq), 1, geo, static, seg)
             if mask is not None:
                 p_t = jnp.where(mask, p_t, 0.0)
         dv_acc[...] += lax.dot_general(p_t.astype(do.dtype), do, _NN, preferred_element_type=jnp.float32)
@@ -277,11 +271,17 @@ def _run_tile(step, state, segmented: bool):
     pl.when(visible & jnp.logical_not(full))(lambda: step(masked=True))
 
 
-def _tile_mask(q_first, k_first, shape, q_axis: int, geo, static: Static):
-    """Positional mask (causal, window, key padding) of one tile, or None when there is none."""
+def _segment_mask(rows_ref, cols_ref, cols: int):
+    """Same-segment mask of a tile: row ids [rows, 128] (lane-replicated) against column ids [8, cols]."""
+    return jnp.tile(rows_ref[...], (1, cols // LANES)) == cols_ref[:1, :]
+
+
+def _tile_mask(q_first, k_first, shape, q_axis: int, geo, static: Static, seg=None):
+    """Mask of one tile (causal, window, key padding, and `seg`, a same-segment mask), or None when there
+    is none."""
     q_pos = q_first + lax.broadcasted_iota(jnp.int32, shape, q_axis)
     k_pos = k_first + lax.broadcasted_iota(jnp.int32, shape, 1 - q_axis)
-    mask = None
+    mask = seg
 
     def add(cond):
         nonlocal mask

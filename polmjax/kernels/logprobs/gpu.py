@@ -43,6 +43,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from polmjax.kernels.backends import triton_dot_precision
 from polmjax.kernels.logprobs.reference import (
     MASKED,
     finalize_stats,
@@ -67,7 +68,7 @@ def forward_stats(h_ND, w_DV, t_N, *, temperature, softcap, with_entropy, blocks
     n_out = 4 if with_entropy else 3
     kernel = functools.partial(_fwd_kernel, tiles=tiles, per_split=per_split, temperature=temperature,
                                softcap=softcap, with_entropy=with_entropy,
-                               precision=_precision(h_ND.dtype, interpret))
+                               precision=triton_dot_precision(h_ND.dtype, interpret))
     outs = pl.pallas_call(
         kernel,
         grid=(n_split, pl.cdiv(N, tiles.bn)),
@@ -96,9 +97,9 @@ def backward(h_ND, w_DV, t_N, lse_N, ent_N, g_lp_N, g_ent_N, *, temperature, sof
         w_Dc = jax.lax.dynamic_slice_in_dim(w_DV, start, width, axis=1)
         # Shifted targets: an id outside [start, start + width) falls outside [0, width) and hits nothing.
         dz_Nc = dz_fn(h_ND, w_Dc, t_N - start, stats)
-        dh_ND = dh_ND + jax.lax.dot_general(dz_Nc, w_Dc, _NT, precision=_precision(dz_Nc.dtype, interpret),
+        dh_ND = dh_ND + jax.lax.dot_general(dz_Nc, w_Dc, _NT, precision=triton_dot_precision(dz_Nc.dtype, interpret),
                                             preferred_element_type=jnp.float32)
-        dw_Dc = jax.lax.dot_general(h_ND, dz_Nc, _TN, precision=_precision(dz_Nc.dtype, interpret),
+        dw_Dc = jax.lax.dot_general(h_ND, dz_Nc, _TN, precision=triton_dot_precision(dz_Nc.dtype, interpret),
                                     preferred_element_type=jnp.float32)
         return dh_ND, jax.lax.dynamic_update_slice_in_dim(dw_DV_acc, dw_Dc.astype(w_DV.dtype), start, axis=1)
 
@@ -185,7 +186,7 @@ def _dz(h_ND, w_Dc, t_N, stats, *, temperature, softcap, blocks, interpret):
     C = w_Dc.shape[1]
     tiles = _tiles(N, D, C, blocks.block_n_dz, blocks.block_v_dz, blocks.block_d, ("block_n_dz", "block_v_dz"))
     kernel = functools.partial(_dz_kernel, tiles=tiles, temperature=temperature, softcap=softcap,
-                               with_entropy=len(stats) == 4, precision=_precision(h_ND.dtype, interpret))
+                               with_entropy=len(stats) == 4, precision=triton_dot_precision(h_ND.dtype, interpret))
     return pl.pallas_call(
         kernel,
         grid=(pl.cdiv(C, tiles.bv), pl.cdiv(N, tiles.bn)),
@@ -241,15 +242,6 @@ def _compiler_params(T):
     entropy and soft-cap needs all 255 registers), 4 below; the D loop is software-pipelined over 3
     stages of shared memory."""
     return plgpu.CompilerParams(num_warps=8 if T.bn * T.bv >= 64 * 128 else 4, num_stages=3)
-
-
-def _precision(dtype, interpret: bool):
-    """float32 inputs: 3xTF32 (tensor cores at about float32 accuracy; Triton and XLA:GPU would otherwise
-    use TF32, and IEEE float32 Triton dots spill registers, per ptxas); the interpreter (CPU) has no
-    3xTF32 and gets HIGHEST. bf16 needs no flag."""
-    if dtype != jnp.float32:
-        return None
-    return jax.lax.Precision.HIGHEST if interpret else jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
 
 
 def _ok(start, size, bound):
