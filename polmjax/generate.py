@@ -34,14 +34,16 @@ def left_pad(prompts: list[list[int]], pad_id: int, length: int | None = None) -
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "eos_id", "pad_id",
                                              "mesh", "rules"))
 def generate(cfg: ModelConfig, params: dict, prompt_ids_BP, prompt_mask_BP, rng=None, *, max_new_tokens: int,
-             eos_id: int, pad_id: int = 0, temperature: float = 0.0, top_k: int | None = None, mesh=None,
+             eos_id: int | tuple[int, ...], pad_id: int = 0, temperature: float = 0.0, top_k: int | None = None, mesh=None,
              rules=None):
     """Returns (tokens [B, max_new_tokens] int32, valid [B, max_new_tokens] bool).
 
-    A row stops after its first `eos_id` (included in the output, marked valid); later slots hold pad_id.
+    A row stops after its first end token (`eos_id`: one id or a tuple of ids, e.g. the tokenizer's EOS
+    and the chat template's end-of-turn token; included in the output, marked valid); later slots hold pad_id.
     temperature 0 is greedy; otherwise sample from softmax(logits / temperature), optionally top-k.
     """
     B, P = prompt_ids_BP.shape
+    eos_ids = jnp.asarray(eos_id if isinstance(eos_id, tuple) else (eos_id,), jnp.int32)
     rng = jax.random.key(0) if rng is None else rng
     mask = prompt_mask_BP.astype(jnp.int32)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
@@ -57,7 +59,7 @@ def generate(cfg: ModelConfig, params: dict, prompt_ids_BP, prompt_mask_BP, rng=
         tok = jnp.where(done, pad_id, tok)
         tokens = tokens.at[:, t].set(tok)
         valid = valid.at[:, t].set(~done)
-        done = done | (tok == eos_id)
+        done = done | jnp.isin(tok, eos_ids)
         hidden, cache = forward_hidden(cfg, params, tok[:, None], pos[:, None], jnp.ones((B, 1), jnp.int32),
                                        cache, mesh=mesh, rules=rules)
         logits = logits_from_hidden(cfg, params, hidden, mesh, rules)[:, 0]
