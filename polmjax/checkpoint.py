@@ -43,6 +43,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax import lax
 
+from polmjax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 _HANDLERS = {
@@ -54,8 +56,13 @@ _INTEGRITY_VERSION = 1
 _UNREADABLE_SUFFIX = ".unreadable"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint directory holds no usable checkpoint, or a save could not be written."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A readable checkpoint whose tree (paths, shapes) differs from the state asked for: a config
+    mismatch (the run was written by another model or optimizer config), not a damaged checkpoint."""
 
 
 class Checkpointer:
@@ -135,7 +142,7 @@ class Checkpointer:
         self._move_aside_skipped()
         existing = self._manager.all_steps()
         if step in existing:
-            log.info("checkpoint step %d already exists in %s; not saving it again", step, self.directory)
+            log.debug("checkpoint step %d already exists in %s; not saving it again", step, self.directory)
             return False
         if existing and step < max(existing):
             log.warning("saving step %d into %s which already holds newer step %d; keep=%s keeps the "
@@ -172,8 +179,9 @@ class Checkpointer:
         A checkpoint that cannot be read (missing or truncated files, unreadable metadata, data that
         fails its fingerprint) is skipped with a warning naming the step and reason, and the previous
         one is tried. Raises CheckpointError when none is readable, listing each step and why.
-        A step whose structure differs from `abstract_state` counts as unreadable too, and the reason
-        says which paths or shapes differ (usually a caller error: every step then fails).
+        A step whose saved tree (read from its metadata, before any array) differs from
+        `abstract_state` raises CheckpointMismatchError naming the paths and shapes that differ: that
+        is a config mismatch, not damage, so nothing is skipped or moved aside.
         """
         self.wait()
         self._manager.reload()
@@ -202,10 +210,8 @@ class Checkpointer:
             tried.append((step, reason))
         listing = "\n".join(f"  step {s}: {r}" for s, r in tried)
         raise CheckpointError(
-            f"no readable checkpoint in {self.directory}; tried, newest first:\n{listing}\n"
-            "If the reasons say abstract_state does not match, fix abstract_state; otherwise move the "
-            "broken step directories away (or use a fresh directory) to start over."
-        )
+            f"no readable checkpoint in {self.directory}; tried, newest first:\n{listing}",
+            hint="move the broken step directories away (or use a fresh directory) to start over")
 
     def wait(self) -> None:
         """Block until a pending async save is committed; raises CheckpointError if it failed."""
@@ -230,7 +236,16 @@ class Checkpointer:
     # -- private ------------------------------------------------------------------------------------
 
     def _try_restore(self, step: int, abstract_state: Any) -> tuple[tuple | None, str | None]:
-        """((step, state, extra), None) if `step` restores and verifies, else (None, reason)."""
+        """((step, state, extra), None) if `step` restores and verifies, else (None, reason).
+
+        Raises CheckpointMismatchError, before reading any array, if the saved tree differs."""
+        mismatch = self._structure_mismatch(step, abstract_state)
+        if mismatch:
+            raise CheckpointMismatchError(
+                f"checkpoint step {step} in {self.directory} does not fit the state being restored "
+                f"({mismatch})",
+                hint="the run was written with another model or optimizer config: use that config "
+                     "(the run directory's config.json), or another run directory")
         has_integrity = (self._step_dir(step) / "integrity").exists()
         items = {"state": ocp.args.StandardRestore(abstract_state), "extra": ocp.args.JsonRestore()}
         if has_integrity:
@@ -238,10 +253,6 @@ class Checkpointer:
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # Orbax/TensorStore raise many types for damaged files
-            mismatch = self._structure_mismatch(step, abstract_state)
-            if mismatch:
-                return None, (f"abstract_state does not match this checkpoint ({mismatch}); build it "
-                              f"from the model/optimizer config that wrote the checkpoint")
             return None, _short(e)
         state, extra = restored["state"], restored["extra"]
         if self.verify and has_integrity:

@@ -3,31 +3,44 @@
   polmjax sft EXPERIMENT.py [--set key=value ...]   supervised fine-tuning (resumes from run_dir if present)
   polmjax export RUN_DIR [--step N] [--out DIR]    a checkpoint as an HF model directory (+ PEFT adapter)
   polmjax demo [--out DIR]              build a tiny Llama-style model, save it as an HF directory, reload it
-                                        sharded over every local device, print logits, decode with a KV cache
+                                        sharded over every local device, compare its logits with
+                                        transformers' (when torch is installed), decode with a KV cache
   polmjax logits MODEL_DIR [--ids 1,2,3] load an HF model directory and print its next-token predictions
+
+Exit codes: 0 done, 2 a user error (config, data, checkpoint, missing file: one message and a hint; the
+traceback with --debug), 3 a run preempted (SIGTERM/SIGINT) that saved and stopped, 1 a crash.
 """
 
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
 
+from polmjax.errors import USER_ERROR, UserError
+
 # command -> (module, experiment class, run function)
 ALGORITHMS = {"sft": ("polmjax.train.sft", "SFTExperiment", "run")}
+PREEMPTED = 3
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="polmjax", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ALGORITHMS:
         p = sub.add_parser(name, help=f"{name.upper()} training from an experiment file")
         p.add_argument("experiment", help="experiments/<algo>/<name>.py")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config field, e.g. --set train.steps=100 (repeatable)")
+        p.add_argument("--allow-config-change", action="store_true",
+                       help="continue a run directory whose saved config differs (the old one is kept as "
+                            "config.<n>.json; its checkpoints must still fit)")
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     demo = sub.add_parser("demo", help="tiny end-to-end check of models, HF interop, sharding and decoding")
     demo.add_argument("--out", default="runs/demo", help="where the HF model directory is written")
     exp = sub.add_parser("export", help="export a run's checkpoint as an HF model directory (+ PEFT adapter)")
@@ -38,12 +51,28 @@ def main(argv: list[str] | None = None) -> int:
     logits.add_argument("model_dir")
     logits.add_argument("--ids", default="1,2,3,4", help="comma-separated input token ids")
     logits.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    for p in (demo, exp, logits):
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    _quiet_libraries()
+    try:
+        return _dispatch(args)
+    except (UserError, FileNotFoundError) as e:
+        if args.debug:
+            raise
+        print(f"polmjax {args.command}: error: {e}", file=sys.stderr)
+        if getattr(e, "hint", ""):
+            print(f"  hint: {e.hint}", file=sys.stderr)
+        print("  (--debug shows the traceback)", file=sys.stderr)
+        return USER_ERROR
+
+
+def _dispatch(args) -> int:
     from polmjax.mesh import initialize_distributed
 
     initialize_distributed()
     if args.command in ALGORITHMS:
-        return _train(args.command, args.experiment, args.overrides)
+        return _train(args.command, args.experiment, args.overrides, args.allow_config_change)
     if args.command == "export":
         from polmjax.train.sft import export_run
 
@@ -51,25 +80,36 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "demo":
         return _demo(args.out)
-    return _logits(args.model_dir, [int(t) for t in args.ids.split(",")], args.dtype)
+    try:
+        ids = [int(t) for t in args.ids.split(",")]
+    except ValueError:
+        raise UserError(f"--ids {args.ids!r}: expected comma-separated integers, e.g. 1,2,3") from None
+    return _logits(args.model_dir, ids, args.dtype)
 
 
-def _train(command: str, experiment: str, overrides: list[str]) -> int:
-    import importlib
-    import logging
-
-    from polmjax.config import load_experiment
-
+def _quiet_libraries() -> None:
+    """Our log format at INFO; start-up chatter of libraries that does not concern a user silenced."""
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # "PyTorch was not found..."
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file operation at INFO
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)  # "Unable to initialize backend 'tpu'"
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def _train(command: str, experiment: str, overrides: list[str], allow_config_change: bool) -> int:
+    import importlib
+
+    from polmjax.config import ConfigError, load_experiment
+
     module_name, class_name, fn_name = ALGORITHMS[command]
     module = importlib.import_module(module_name)
     cfg = load_experiment(experiment, overrides)
     if not isinstance(cfg, getattr(module, class_name)):
-        raise SystemExit(f"{experiment}: config() returns {type(cfg).__name__}, but `polmjax {command}` needs "
-                         f"{class_name}")
-    result = getattr(module, fn_name)(cfg)
-    return 3 if result.preempted else 0
+        raise ConfigError(f"{experiment}: config() returns {type(cfg).__name__}, but `polmjax {command}` needs "
+                          f"{class_name}")
+    result = getattr(module, fn_name)(cfg, allow_config_change=allow_config_change)
+    return PREEMPTED if result.preempted else 0
 
 
 def _demo(out: str) -> int:
@@ -97,6 +137,12 @@ def _demo(out: str) -> int:
     logits = np.asarray(jax.jit(lambda m, x: m(x))(sharded, ids))
     print(f"logits {logits.shape} in {time.perf_counter() - t0:.2f}s (incl. compile); "
           f"max |reloaded - original| = {np.abs(logits - np.asarray(model(ids))).max():.2e}")
+    hf_err = _transformers_logits_error(path, ids, logits)
+    if hf_err is None:
+        print("transformers check skipped: torch is not installed (pip install torch==2.13.0 for the CPU build)")
+    else:
+        print(f"transformers {type(hf_err[1]).__name__} loads {path}/: max |transformers - polmjax| logits = "
+              f"{hf_err[0]:.2e}")
 
     step = jax.jit(lambda m, x, c: m(x, cache=c))
     out_logits, cache = step(sharded, ids[:, :4], sharded.init_cache(2, 12))
@@ -106,7 +152,24 @@ def _demo(out: str) -> int:
         decoded.append(np.asarray(out_logits))
     err = np.abs(np.concatenate(decoded, 1) - logits).max()
     print(f"KV-cache decode (prefill 4 + 8 single-token steps) vs full forward: max |diff| = {err:.2e}")
-    return 0 if err < 1e-4 else 1
+    return 0 if err < 1e-4 and (hf_err is None or hf_err[0] < 1e-4) else 1
+
+
+def _transformers_logits_error(path: str, ids, logits):
+    """(max |transformers logits - ours|, the HF model) for the saved directory, or None without torch."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return None
+    import numpy as np
+    import torch
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        ref = hf(input_ids=torch.as_tensor(np.asarray(ids))).logits.numpy()
+    return float(np.abs(ref - logits).max()), hf
 
 
 def _logits(model_dir: str, ids: list[int], dtype: str) -> int:

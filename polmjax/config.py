@@ -15,8 +15,10 @@ import types
 import typing
 from typing import Any
 
+from polmjax.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """An experiment file or override that cannot be applied."""
 
 
@@ -50,7 +52,12 @@ def validate(cfg: Any) -> None:
         for f in dataclasses.fields(cfg):
             validate(getattr(cfg, f.name))
         if hasattr(cfg, "validate"):
-            cfg.validate()
+            try:
+                cfg.validate()
+            except ConfigError:
+                raise
+            except ValueError as e:  # the dataclasses' own checks: same message, as a user error
+                raise ConfigError(str(e)) from e
 
 
 def to_dict(cfg: Any) -> Any:

@@ -3,6 +3,9 @@
 `MetricsLogger(run_dir)` appends one JSON object per logged step to `metrics.jsonl` (with at least
 `step` and `loss`) and writes the same scalars to `tensorboard/`. On resume, `truncate_after(step)`
 drops lines logged after the restored checkpoint, so the file reads as one uninterrupted run.
+
+On a terminal the console shows one live progress bar (step, loss, lr, tokens/s, ETA), advanced every
+step by `tick`; elsewhere (a log file, CI) one plain line per logged step.
 """
 
 from __future__ import annotations
@@ -53,7 +56,8 @@ def train_flops_per_token(cfg, seq_len: int) -> float:
 
 class MetricsLogger:
     def __init__(self, run_dir: str, *, total_steps: int, use_tensorboard: bool = True, wandb_project: str | None = None,
-                 config: dict | None = None, is_writer: bool = True, console=sys.stderr):
+                 config: dict | None = None, is_writer: bool = True, console=sys.stderr, progress: bool | None = None):
+        """progress: a live bar on `console` (default: when it is a terminal) instead of plain lines."""
         self.run_dir = run_dir
         self.total_steps = total_steps
         self.is_writer = is_writer
@@ -63,6 +67,8 @@ class MetricsLogger:
         self._wandb = None
         self._start = None
         self._start_step = 0
+        self._bar = None
+        self._progress = (hasattr(console, "isatty") and console.isatty()) if progress is None else progress
         if not is_writer:
             return
         os.makedirs(run_dir, exist_ok=True)
@@ -87,6 +93,16 @@ class MetricsLogger:
 
     def start(self, step: int) -> None:
         self._start, self._start_step = time.perf_counter(), step
+        if self._progress and self.is_writer:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=self.total_steps, initial=step, file=self.console, unit="step",
+                             dynamic_ncols=True, smoothing=0.1, desc="train")
+
+    def tick(self, step: int) -> None:
+        """Step `step` is done: advance the progress bar (no-op without one)."""
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
 
     def log(self, step: int, metrics: dict, *, split: str = "train") -> None:
         row = {"step": int(step), **({} if split == "train" else {"split": split}),
@@ -104,6 +120,9 @@ class MetricsLogger:
         self._console(row, split)
 
     def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:
@@ -111,11 +130,17 @@ class MetricsLogger:
 
     def _console(self, row: dict, split: str) -> None:
         step = row["step"]
-        parts = [f"{split} step {step}/{self.total_steps}"]
-        for key, fmt in (("loss", "{:.4f}"), ("learning_rate", "{:.2e}"), ("grad_norm", "{:.3f}"),
-                         ("tokens_per_s", "{:,.0f}"), ("mfu", "{:.1%}")):
-            if key in row and isinstance(row[key], (int, float)):
-                parts.append(f"{key.replace('_per_s', '/s')} {fmt.format(row[key])}")
+        fields = [(key.replace("_per_s", "/s").replace("learning_rate", "lr"), fmt.format(row[key]))
+                  for key, fmt in (("loss", "{:.4f}"), ("learning_rate", "{:.2e}"), ("grad_norm", "{:.3f}"),
+                                   ("tokens_per_s", "{:,.0f}"), ("mfu", "{:.1%}"))
+                  if key in row and isinstance(row[key], (int, float))]
+        if self._bar is not None:
+            if split == "train":
+                self._bar.set_postfix_str("  ".join(f"{k} {v}" for k, v in fields), refresh=True)
+            else:
+                self._bar.write(f"{split} step {step}/{self.total_steps}  " + "  ".join(f"{k} {v}" for k, v in fields))
+            return
+        parts = [f"{split} step {step}/{self.total_steps}"] + [f"{k} {v}" for k, v in fields]
         if split == "train" and self._start is not None and step > self._start_step:
             elapsed = time.perf_counter() - self._start
             eta = elapsed / (step - self._start_step) * (self.total_steps - step)

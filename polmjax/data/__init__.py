@@ -13,7 +13,7 @@ from polmjax.data.formats import FORMATS, DataError, detect_format, validate_row
 from polmjax.data.packing import PACKINGS, assemble_rows, assign_bins, make_document
 from polmjax.data.pipeline import DataConfig, SFTPipeline, split_indices
 from polmjax.data.sources import Records, load_records
-from polmjax.data.tokenize import tokenize_example, tokenize_preference, tokenize_unpaired
+from polmjax.data.tokenize import stop_token_ids, tokenize_example, tokenize_preference, tokenize_unpaired
 
 __all__ = [
     "FORMATS",
@@ -28,6 +28,7 @@ __all__ = [
     "load_records",
     "make_document",
     "split_indices",
+    "stop_token_ids",
     "tokenize_example",
     "tokenize_preference",
     "tokenize_unpaired",

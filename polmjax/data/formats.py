@@ -21,6 +21,8 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from polmjax.errors import UserError
+
 FORMATS: dict[str, tuple[str, ...]] = {
     "text": ("text",),
     "prompt_completion": ("prompt", "completion"),
@@ -32,7 +34,7 @@ SFT_FORMATS = ("text", "prompt_completion", "messages")
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset problem the user must fix: names the file, the row and the field."""
 
 
@@ -64,11 +66,12 @@ def detect_format(columns: Iterable[str], source: str = "dataset") -> str:
     if not matches:
         raise DataError(
             f"{source}: cannot detect the dataset format from columns [{found}]; expected one "
-            f"of ({expected}). Rename the columns or pass format=..."
+            f"of ({expected}). Rename the columns or choose the format with data.format "
+            f"(command line: --set data.format=<{'|'.join(FORMATS)}>)"
         )
     raise DataError(
-        f"{source}: columns [{found}] fit several formats ({', '.join(matches)}); pass "
-        f"format=... to choose (formats: {expected})"
+        f"{source}: columns [{found}] fit several formats ({', '.join(matches)}); choose one with "
+        f"data.format (command line: --set data.format={matches[0]}); formats: {expected}"
     )
 
 

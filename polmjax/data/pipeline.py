@@ -119,11 +119,9 @@ class SFTPipeline:
             raise DataError(f"{self.records.source}: the {split!r} split is empty")
         self.pad_id = _pad_id(tokenizer)
         self._probe()
-        log.info(
-            "%s: %s split, %d examples, this process reads every %d-th from %d; %s packing into %d x %d",
-            self.records.source, split, len(self.indices), process_count, process_index,
-            cfg.packing, self.rows, seq_len,
-        )
+        shard = f"; process {process_index} reads every {process_count}th" if process_count > 1 else ""
+        log.info("%s: %s split, %d examples%s; %s packing into %d x %d", self.records.source, split,
+                 len(self.indices), shard, cfg.packing, self.rows, seq_len)
         self._last_iterator: _BatchIterator | None = None
 
     def __iter__(self) -> _BatchIterator:

@@ -1,8 +1,9 @@
 """Load rows from a file, a `save_to_disk` directory or the hub, validate them, keep provenance.
 
 `load_records` reads every row once, validates it against the (detected) format and keeps the
-normalised rows in memory with their 0-based row number in the source, so that any later error
-can still name the file and row. Supported sources:
+normalised rows in memory with their row number in the source, so that any later error can still
+name the file and row. Row numbers are 1-based and, in JSONL files, equal the line number (blank
+lines count), so "row 17" is what an editor shows as line 17. Supported sources:
 
     *.jsonl / *.json / *.parquet / *.csv    a local file (CSV cells are read as strings; a
                                             'label' cell true/false/1/0 becomes a bool)
@@ -42,7 +43,7 @@ _DETECT_ROWS = 100  # rows whose keys are pooled to detect the format of schemal
 class Records:
     """Validated rows of one source, in source order.
 
-    rows[i] is the normalised row whose 0-based row number in `source` is row_numbers[i].
+    rows[i] is the normalised row whose 1-based row number in `source` is row_numbers[i] (JSONL: line number).
     """
 
     source: str
@@ -83,6 +84,8 @@ def load_records(
     if format == "auto":
         if columns is None:  # schemaless JSON: pool the keys of the first rows
             head = list(itertools.islice(raw, _DETECT_ROWS))
+            if not head:
+                raise DataError(f"{source}: the file is empty (no rows)")
             columns = sorted({k for _, r in head if isinstance(r, dict) for k in r})
             raw = itertools.chain(head, raw)
         format = detect_format(columns, source)
@@ -107,6 +110,8 @@ def load_records(
             "%s: skipped %d bad rows of %d (first: %s)",
             source, records.bad_rows, records.rows_read, records.bad_reasons[0],
         )
+    if not records.rows_read:
+        raise DataError(f"{source}: the dataset is empty (no rows)")
     if not records.rows:
         raise DataError(
             f"{source}: no valid rows (read {records.rows_read}, bad {records.bad_rows}"
@@ -116,7 +121,7 @@ def load_records(
     return records
 
 
-RawRows = Iterator[tuple[int, Any]]  # (row number, row dict or RowError)
+RawRows = Iterator[tuple[int, Any]]  # (1-based row number, row dict or RowError)
 
 
 def _open(path: str, split: str) -> tuple[str, list[str] | None, RawRows]:
@@ -143,16 +148,15 @@ def _open(path: str, split: str) -> tuple[str, list[str] | None, RawRows]:
 
 
 def _jsonl_rows(path: str) -> RawRows:
+    """(line number, row) for every non-blank line: the row number is the line number."""
     with open(path, encoding="utf-8") as f:
-        row = 0
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                yield row, json.loads(line)
+                yield line_number, json.loads(line)
             except json.JSONDecodeError as e:
-                yield row, RowError(None, f"(line {line_number}) is not valid JSON: {e}")
-            row += 1
+                yield line_number, RowError(None, f"is not valid JSON: {e}")
 
 
 def _open_json(path: str) -> tuple[str, list[str] | None, RawRows]:
@@ -168,9 +172,9 @@ def _open_json(path: str) -> tuple[str, list[str] | None, RawRows]:
             raise DataError(f"{path}: columns have different lengths {sorted(lengths)}")
         columns = list(data)
         rows = ({k: data[k][i] for k in columns} for i in range(lengths.pop()))
-        return path, columns, enumerate(rows)
+        return path, columns, enumerate(rows, start=1)
     if isinstance(data, list):
-        return path, None, enumerate(data)
+        return path, None, enumerate(data, start=1)
     raise DataError(
         f"{path}: expected a JSON list of row objects or an object of column lists, "
         f"got {type(data).__name__}"
@@ -186,7 +190,7 @@ def _open_parquet(path: str) -> tuple[str, list[str], RawRows]:
         raise DataError(f"{path}: cannot read Parquet ({e})") from None
 
     def rows() -> RawRows:
-        row = 0
+        row = 1
         for batch in file.iter_batches(batch_size=4096):
             for item in batch.to_pylist():
                 yield row, item
@@ -203,7 +207,7 @@ def _open_csv(path: str) -> tuple[str, list[str], RawRows]:
 
     def rows() -> RawRows:
         with open(path, encoding="utf-8", newline="") as f:
-            for row, item in enumerate(csv.DictReader(f)):
+            for row, item in enumerate(csv.DictReader(f), start=1):
                 item.pop(None, None)  # cells beyond the header
                 if isinstance(item.get("label"), str):
                     item["label"] = _CSV_BOOLS.get(item["label"].strip().lower(), item["label"])
@@ -229,7 +233,7 @@ def _open_saved(path: str, split: str) -> tuple[str, list[str], RawRows]:
         if split not in ds:
             raise DataError(f"{path}: no split {split!r}; splits are {sorted(ds)}")
         ds, source = ds[split], f"{path} [{split}]"
-    return source, list(ds.column_names), enumerate(iter(ds))
+    return source, list(ds.column_names), enumerate(iter(ds), start=1)
 
 
 def _open_hub(name: str, split: str) -> tuple[str, list[str], RawRows]:
@@ -244,4 +248,4 @@ def _open_hub(name: str, split: str) -> tuple[str, list[str], RawRows]:
         ds = datasets.load_dataset(name, split=split)
     except Exception as e:  # network, missing dataset, missing split
         raise DataError(f"{name}: cannot load hub dataset split {split!r} ({e})") from None
-    return f"{name} [{split}]", list(ds.column_names), enumerate(iter(ds))
+    return f"{name} [{split}]", list(ds.column_names), enumerate(iter(ds), start=1)

@@ -99,6 +99,30 @@ def tokenize_unpaired(example: Mapping[str, Any], tokenizer, max_len: int) -> di
     return {"prompt_ids": prompt, "completion_ids": completion, "label": row["label"]}
 
 
+def stop_token_ids(tokenizer) -> tuple[int, ...]:
+    """The ids generation stops at: the tokenizer's EOS, and the chat template's end-of-turn token.
+
+    The end-of-turn token is the special token the template writes right after an assistant message
+    (`<|im_end|>` for ChatML, `<|eot_id|>` for Llama 3, `<end_of_turn>` for Gemma). Exports write these
+    ids into config.json and generation_config.json, and polmjax's sampler stops at the same ones.
+    """
+    ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    if getattr(tokenizer, "chat_template", None):
+        marker = "polmjax-end-of-turn-probe"
+        try:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False)
+        except Exception:  # a template that cannot render this conversation: EOS alone
+            text = ""
+        if marker in text:
+            after = _encode(tokenizer, text.split(marker, 1)[1])
+            special = set(tokenizer.all_special_ids) | {
+                i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special}
+            if after and after[0] in special and after[0] not in ids:
+                ids.append(int(after[0]))
+    return tuple(ids)
+
+
 def has_generation_markers(tokenizer) -> bool:
     """True if the tokenizer's chat template marks assistant content with {% generation %}."""
     template = getattr(tokenizer, "chat_template", None)

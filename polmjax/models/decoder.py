@@ -231,10 +231,10 @@ def forward_hidden(
         if cfg.remat != "none":
             fn = jax.checkpoint(fn, policy=_REMAT_POLICIES[cfg.remat])
         rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
-        return fn(x, p, ropes[kind], kv, rng)
+        return fn(x, p, ropes[kind], kv, index, rng)
 
     layers = params["layers"]
-    cache_kv = None if cache is None else (cache.k, cache.v)
+    cache_kv = None if cache is None else (ctx.constrain(cache.k, *CACHE_AXES), ctx.constrain(cache.v, *CACHE_AXES))
     x_BTD, cache_kv = _run_layers(cfg, layer, x_BTD, layers, cache_kv)
     x_BTD = _rms_norm(cfg, x_BTD, params["final_norm"])
     new_cache = None
@@ -289,49 +289,33 @@ def layer_groups(cfg: ModelConfig) -> tuple[int, int]:
 
 
 def _run_layers(cfg, layer, x, layers, cache_kv):
+    """Every layer in order; `cache_kv` (k, v: [L, B, S, G, K]) or None is threaded through each one.
+
+    The stacked cache is carried whole (the unrolled chain, or the scan's carry) and each layer writes
+    only its new positions into it, so XLA updates one buffer in place instead of copying the cache.
+    """
     L, types = cfg.num_layers, cfg.layer_types
     if not cfg.scan_layers:
-        ks, vs = (None, None) if cache_kv is None else cache_kv
         for i in range(L):
-            p = jax.tree.map(lambda a: a[i], layers)
-            kv = None if cache_kv is None else (ks[i], vs[i])
-            x, kv = layer(types[i], x, p, kv, i)
-            if kv is not None:
-                ks, vs = ks.at[i].set(kv[0]), vs.at[i].set(kv[1])
-        return x, (None if cache_kv is None else (ks, vs))
+            x, cache_kv = layer(types[i], x, jax.tree.map(lambda a: a[i], layers), cache_kv, i)
+        return x, cache_kv
 
     period, repeats = layer_groups(cfg)
     n = period * repeats
 
-    def group(a):
-        return a[:n].reshape(repeats, period, *a.shape[1:])
-
-    def body(x, xs):
-        p_group, kv_group, first = xs
-        new_kv = []
+    def body(carry, xs):
+        x, kv = carry
+        p_group, first = xs
         for j in range(period):
-            p = jax.tree.map(lambda a: a[j], p_group)
-            kv = None if kv_group is None else (kv_group[0][j], kv_group[1][j])
-            x, kv = layer(types[j], x, p, kv, first + j)
-            new_kv.append(kv)
-        if kv_group is None:
-            return x, None
-        return x, (jnp.stack([kv[0] for kv in new_kv]), jnp.stack([kv[1] for kv in new_kv]))
+            x, kv = layer(types[j], x, jax.tree.map(lambda a: a[j], p_group), kv, first + j)
+        return (x, kv), None
 
-    kv_groups = None if cache_kv is None else jax.tree.map(group, cache_kv)
+    groups = jax.tree.map(lambda a: a[:n].reshape(repeats, period, *a.shape[1:]), layers)
     firsts = jnp.arange(repeats, dtype=jnp.int32) * period
-    x, kv_out = jax.lax.scan(body, x, (jax.tree.map(group, layers), kv_groups, firsts))
-    tail_kv = []
+    (x, cache_kv), _ = jax.lax.scan(body, (x, cache_kv), (groups, firsts))
     for i in range(n, L):
-        p = jax.tree.map(lambda a: a[i], layers)
-        kv = None if cache_kv is None else (cache_kv[0][i], cache_kv[1][i])
-        x, kv = layer(types[i], x, p, kv, i)
-        tail_kv.append(kv)
-    if cache_kv is None:
-        return x, None
-    ks = jnp.concatenate([kv_out[0].reshape(n, *kv_out[0].shape[2:])] + [kv[0][None] for kv in tail_kv])
-    vs = jnp.concatenate([kv_out[1].reshape(n, *kv_out[1].shape[2:])] + [kv[1][None] for kv in tail_kv])
-    return x, (ks, vs)
+        x, cache_kv = layer(types[i], x, jax.tree.map(lambda a: a[i], layers), cache_kv, i)
+    return x, cache_kv
 
 
 _REMAT_POLICIES = {
@@ -349,10 +333,12 @@ PROJECTIONS = {
 _PROJ_IDS = {name: i for i, name in enumerate(PROJECTIONS)}
 
 
-def _block(ctx: _Ctx, kind: str, x_BTD, p: dict, cos_sin, kv, rng, *, segments, q_offset):
-    """One decoder layer. kv: this layer's cache (k_BSGK, v_BSGK) or None; rng: LoRA dropout key or None.
+def _block(ctx: _Ctx, kind: str, x_BTD, p: dict, cos_sin, kv, layer, rng, *, segments, q_offset):
+    """One decoder layer. kv: every layer's cache (k_LBSGK, v_LBSGK) or None; layer: this layer's index
+    in it (an int or a traced scalar under scan); rng: LoRA dropout key or None.
 
-    Returns (x, kv)."""
+    Returns (x, kv), kv with this layer's new keys/values written at q_offset (only those: an update of
+    a [T]-long slice, in place in the carried buffer)."""
     cfg = ctx.cfg
     dtype = x_BTD.dtype
 
@@ -384,9 +370,9 @@ def _block(ctx: _Ctx, kind: str, x_BTD, p: dict, cos_sin, kv, rng, *, segments, 
     q = ctx.constrain(q, "act_batch", "act_len", "act_heads", None)
     k = ctx.constrain(k, "act_batch", "act_len", "act_kv_heads", None)
     if kv is not None:
-        k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, q_offset, 0, 0)).astype(dtype)
-        v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, q_offset, 0, 0)).astype(dtype)
-        kv = (k.astype(kv[0].dtype), v.astype(kv[1].dtype))
+        kv = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), (layer, 0, q_offset, 0, 0))
+                   for c, new in zip(kv, (k, v)))
+        k, v = (jax.lax.dynamic_index_in_dim(c, layer, keepdims=False).astype(dtype) for c in kv)
     a = ctx.attention(q, k, v, causal=True, segment_ids=segments,
                       window=cfg.sliding_window if kind == "sliding" else None, softcap=cfg.attn_softcap,
                       scale=cfg.attn_scale, q_offset=q_offset)

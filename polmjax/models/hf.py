@@ -221,6 +221,49 @@ def save_pretrained(model: Decoder, out_dir: str | os.PathLike, *, max_shard_siz
         json.dump(hf_cfg, f, indent=2, sort_keys=True)
 
 
+def write_generation_config(out_dir: str | os.PathLike, *, bos_token_id: int | None, eos_token_ids: tuple[int, ...],
+                            pad_token_id: int | None, base_dir: str | os.PathLike | None = None) -> None:
+    """Token ids into out_dir/config.json, and generation_config.json, so HF tools stop where polmjax does.
+
+    `transformers` `generate` (and vLLM, TGI...) stop at `eos_token_id` of generation_config.json; without
+    it a fine-tuned chat model runs past its end-of-turn token. A base model's generation_config.json
+    (`base_dir`: sampling defaults such as temperature, top_p) is kept, with the ids set. Process 0 writes.
+    """
+    if jax.process_index() != 0:
+        return
+    ids = {"bos_token_id": bos_token_id, "pad_token_id": pad_token_id,
+           "eos_token_id": list(eos_token_ids) if len(eos_token_ids) > 1 else
+           (eos_token_ids[0] if eos_token_ids else None)}
+    ids = {k: v for k, v in ids.items() if v is not None}
+    config_path = os.path.join(os.fspath(out_dir), "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    config.update(ids)
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    generation = {}
+    base = None if base_dir is None else os.path.join(os.fspath(base_dir), GENERATION_CONFIG_FILE)
+    if base is not None and os.path.exists(base):
+        with open(base) as f:
+            generation = json.load(f)
+    generation.update(ids)
+    generation.setdefault("transformers_version", _transformers_version())
+    with open(os.path.join(os.fspath(out_dir), GENERATION_CONFIG_FILE), "w") as f:
+        json.dump(generation, f, indent=2, sort_keys=True)
+
+
+GENERATION_CONFIG_FILE = "generation_config.json"
+
+
+def _transformers_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("transformers")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 # ----------------------------------------------------------------------------------------------
 
 

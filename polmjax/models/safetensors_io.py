@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable
 import ml_dtypes
 import numpy as np
 
+from polmjax.errors import UserError
+
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
@@ -23,7 +25,7 @@ DTYPES = {
 _NAMES = {v: k for k, v in DTYPES.items()}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint file or tensor that cannot be read as promised."""
 
 

@@ -61,8 +61,12 @@ class TrainConfig:
     max_new_tokens: int = 32
 
     def validate(self):
-        if self.global_batch % self.grad_accum:
+        if self.grad_accum >= 1 and self.global_batch % self.grad_accum:
             raise ValueError(f"train.global_batch={self.global_batch} is not divisible by "
                              f"train.grad_accum={self.grad_accum}")
-        if min(self.steps, self.global_batch, self.seq_len, self.log_every, self.save_every, self.keep) < 1:
-            raise ValueError("train: steps, global_batch, seq_len, log_every, save_every, keep must be >= 1")
+        for name in ("steps", "global_batch", "seq_len", "grad_accum", "log_every", "save_every", "keep",
+                     "eval_batches", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name}={getattr(self, name)}: must be >= 1")
+        if self.eval_every < 0:
+            raise ValueError(f"train.eval_every={self.eval_every}: must be >= 0 (0: never)")

@@ -52,6 +52,8 @@ def train_loop(
         batches.set_state(extra["data"])
         logger.truncate_after(step)
         log.info("resumed from step %d", step)
+    else:
+        logger.truncate_after(0)  # a run killed before its first checkpoint starts over
     step = int(jax.device_get(state.step))
     logger.start(step)
     guard = PreemptionGuard()
@@ -60,6 +62,7 @@ def train_loop(
         while step < total_steps:
             state, metrics = step_fn(state, put_batch(next(batches)))
             step += 1
+            logger.tick(step)
             if step % log_every == 0 or step == total_steps:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 now = time.perf_counter()

@@ -23,15 +23,25 @@ class OptimConfig:
     weight_decay: float = 0.0
     decay_embeddings: bool = False  # norms and biases are never decayed
     clip_norm: float | None = 1.0
+    # Steps the warm-up + decay schedule spans; 0 = train.steps. Extending a run (train.steps raised on
+    # a run directory) pins it to the original horizon, see polmjax.train.rundir.
+    schedule_steps: int = 0
+
+    def horizon(self, train_steps: int) -> int:
+        """The steps the learning-rate schedule spans for a run of `train_steps` steps."""
+        return self.schedule_steps or train_steps
 
     def validate(self):
         if self.name not in ("adamw", "lion", "adafactor"):
             raise ValueError(f"optim.name={self.name!r}; expected adamw, lion or adafactor")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"optim.schedule={self.schedule!r}; expected cosine, linear or constant")
-        if self.lr <= 0 or self.warmup_steps < 0:
-            raise ValueError(f"optim: lr must be > 0 and warmup_steps >= 0 (lr={self.lr}, "
-                             f"warmup_steps={self.warmup_steps})")
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr={self.lr}: must be > 0")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps={self.warmup_steps}: must be >= 0")
+        if self.schedule_steps < 0:
+            raise ValueError(f"optim.schedule_steps={self.schedule_steps}: must be >= 0 (0: train.steps)")
 
 
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:

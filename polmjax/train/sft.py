@@ -19,8 +19,8 @@ import optax
 
 from polmjax import config as config_lib
 from polmjax import mesh as mesh_lib
-from polmjax.checkpoint import Checkpointer
-from polmjax.data import DataConfig, SFTPipeline, toy
+from polmjax.checkpoint import CheckpointError, Checkpointer
+from polmjax.data import DataConfig, SFTPipeline, stop_token_ids, toy
 from polmjax.generate import generate, left_pad
 from polmjax.logging import MetricsLogger, device_peak_flops, train_flops_per_token
 from polmjax.losses import sft_loss, token_weights
@@ -28,9 +28,10 @@ from polmjax.mesh import initialize_distributed, make_mesh
 from polmjax.models import lora as lora_lib
 from polmjax.models.config import LoraConfig, ModelConfig
 from polmjax.models.decoder import Decoder, create, forward_hidden, target_logprobs
-from polmjax.models.hf import from_pretrained, resolve_model_path, save_pretrained
+from polmjax.models.hf import from_pretrained, resolve_model_path, save_pretrained, write_generation_config
 from polmjax.train.config import MeshConfig, ModelSource, TrainConfig
 from polmjax.train.loop import LoopResult, train_loop
+from polmjax.train import rundir
 from polmjax.train.optim import OptimConfig, make_optimizer
 from polmjax.train.state import TrainState, combine_params, init_state_sharded, state_shardings
 
@@ -146,14 +147,16 @@ class SFTExperiment:
             raise ValueError("train.eval_every > 0 needs data.eval_fraction > 0 (a held-out split)")
 
 
-def run(exp: SFTExperiment) -> LoopResult:
-    """Train, checkpointing and resuming in exp.train.run_dir; export and print samples at the end."""
+def run(exp: SFTExperiment, *, allow_config_change: bool = False) -> LoopResult:
+    """Train, checkpointing and resuming in exp.train.run_dir; export and print samples at the end.
+
+    A run directory that already holds a run is continued only with a compatible config (see
+    `polmjax.train.rundir`); `allow_config_change` overrides that check.
+    """
     initialize_distributed()
+    exp = rundir.prepare(exp, allow_config_change=allow_config_change)
     tc = exp.train
-    os.makedirs(tc.run_dir, exist_ok=True)
     is_writer = jax.process_index() == 0
-    if is_writer:
-        config_lib.dump(exp, os.path.join(tc.run_dir, "config.json"))
     mesh = make_mesh(exp.mesh.data, exp.mesh.fsdp, exp.mesh.tensor)
     tokenizer = load_tokenizer(exp.model, tc.run_dir)
     data_cfg = resolve_toy_data(exp.data, tc.run_dir, tc.seed)
@@ -209,7 +212,7 @@ def initial_state(exp: SFTExperiment, tokenizer, mesh):
     model = load_model(exp.model, exp.lora, tokenizer, mesh, exp.train.seed)
     params = model.params()
     trainable, frozen = lora_lib.split(params) if exp.lora else (params, {})
-    optimizer, schedule = make_optimizer(exp.optim, exp.train.steps)
+    optimizer, schedule = make_optimizer(exp.optim, exp.optim.horizon(exp.train.steps))
     state = init_state_sharded(trainable, optimizer, exp.train.seed, mesh)
     return model.config, state, frozen, optimizer, schedule
 
@@ -219,7 +222,7 @@ def export_run(run_dir: str, step: int | None = None, out: str | None = None) ->
     (and the PEFT adapter for LoRA runs) into `out` (default run_dir/export/step_<step>)."""
     exp = config_lib.load_run_config(run_dir)
     if not isinstance(exp, SFTExperiment):
-        raise ValueError(f"{run_dir} is a {type(exp).__name__} run, not SFT")
+        raise config_lib.ConfigError(f"{run_dir} is a {type(exp).__name__} run, not SFT")
     exp = dataclasses.replace(exp, train=dataclasses.replace(exp.train, run_dir=run_dir))
     mesh = make_mesh(exp.mesh.data, exp.mesh.fsdp, exp.mesh.tensor)
     tokenizer = load_tokenizer(exp.model, run_dir)
@@ -228,7 +231,8 @@ def export_run(run_dir: str, step: int | None = None, out: str | None = None) ->
     with Checkpointer(os.path.abspath(os.path.join(run_dir, "checkpoints")), async_save=False) as ckpt:
         restored = ckpt.restore(abstract, step=step)
     if restored is None:
-        raise FileNotFoundError(f"{run_dir}: no checkpoints to export")
+        raise CheckpointError(f"{run_dir}: no checkpoints to export",
+                              hint="a run saves every train.save_every steps and at its end")
     step, state, _ = restored
     out = out or os.path.join(run_dir, "export", f"step_{step}")
     model = Decoder(cfg, combine_params(state.params, frozen), mesh=mesh, hf_config=hf_config_of(exp.model, cfg))
@@ -271,7 +275,7 @@ def resolve_toy_data(data: DataConfig, run_dir: str, seed: int) -> DataConfig:
     kind = data.path[4:]
     fmt = {"sft": "messages", "sft_prompt_completion": "prompt_completion"}.get(kind)
     if fmt is None:
-        raise ValueError(f"data.path={data.path!r}: toy datasets are toy:sft and toy:sft_prompt_completion")
+        raise config_lib.ConfigError(f"data.path={data.path!r}: toy datasets are toy:sft and toy:sft_prompt_completion")
     path = os.path.join(run_dir, "data", f"{kind}.jsonl")
     if jax.process_index() == 0 and not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -287,7 +291,8 @@ def load_model(src: ModelSource, lora: LoraConfig | None, tokenizer, mesh, seed:
     if init.vocab_size == 0:
         init = init.replace(vocab_size=len(tokenizer))
     if init.vocab_size < len(tokenizer):
-        raise ValueError(f"model.init.vocab_size={init.vocab_size} is smaller than the tokenizer ({len(tokenizer)})")
+        raise config_lib.ConfigError(f"model.init.vocab_size={init.vocab_size} is smaller than the tokenizer "
+                                     f"({len(tokenizer)})", hint="0 takes the tokenizer's size")
     cfg = init.replace(param_dtype=src.dtype, compute_dtype=src.compute_dtype, **src.execution)
     model = create(cfg, seed=seed, mesh=mesh)
     return lora_lib.add_adapters(model, lora, seed=seed) if lora else model
@@ -309,6 +314,9 @@ def export(model: Decoder, tokenizer, run_dir: str, base_path: str, subdirs: boo
     if model.config.lora is not None:
         lora_lib.save_peft_adapter(model, os.path.join(out, "adapter"), base_model_name_or_path=base_path)
     save_pretrained(model, hf_dir)  # merges adapters
+    write_generation_config(hf_dir, bos_token_id=tokenizer.bos_token_id, eos_token_ids=stop_token_ids(tokenizer),
+                            pad_token_id=tokenizer.pad_token_id,
+                            base_dir=resolve_model_path(base_path) if base_path else None)
     if jax.process_index() == 0:
         tokenizer.save_pretrained(hf_dir)
     log.info("exported %s", hf_dir)
@@ -322,7 +330,7 @@ def show_samples(model: Decoder, tokenizer, prompts, max_new_tokens, run_dir, is
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids, mask = left_pad(encoded, pad)
     tokens, valid = generate(model.config, model.params(), ids, mask, max_new_tokens=max_new_tokens,
-                             eos_id=tokenizer.eos_token_id, pad_id=pad)
+                             eos_id=stop_token_ids(tokenizer), pad_id=pad)
     outs = []
     for p, t, v in zip(prompts, np.asarray(tokens), np.asarray(valid)):
         text = tokenizer.decode(t[v], skip_special_tokens=True)
