@@ -138,7 +138,7 @@ def test_every_format_loads_from_every_source(tmp_path, fmt, kind):
     records = load_records(path)
     assert records.format == fmt
     assert records.rows == [validate_row(r, fmt) for r in ROWS[fmt]]
-    assert records.row_numbers == list(range(len(ROWS[fmt])))
+    assert records.row_numbers == list(range(1, len(ROWS[fmt]) + 1))  # 1-based (JSONL: the line number)
     if fmt in CONVERSATIONAL and kind != "csv":
         path = write(tmp_path / f"conv.{kind}", CONVERSATIONAL[fmt], kind)
         assert load_records(path).rows == [validate_row(r, fmt) for r in CONVERSATIONAL[fmt]]
@@ -178,11 +178,11 @@ def test_bad_rows_name_file_row_and_field(tmp_path, fmt):
     bad, message = BAD_ROWS[fmt]
     rows = ROWS[fmt][:3] + [bad] + ROWS[fmt][3:]
     path = write(tmp_path / "d.jsonl", rows, "jsonl")
-    with pytest.raises(DataError, match=rf"d\.jsonl row 3: field {re.escape(message)}.*format {fmt} expects"):
+    with pytest.raises(DataError, match=rf"d\.jsonl row 4: field {re.escape(message)}.*format {fmt} expects"):
         load_records(path, format=fmt)
     records = load_records(path, format=fmt, skip_bad_rows=True)
-    assert (records.bad_rows, len(records), records.row_numbers[3]) == (1, 6, 4)
-    assert "row 3" in records.bad_reasons[0]
+    assert (records.bad_rows, len(records), records.row_numbers[3]) == (1, 6, 5)
+    assert "row 4" in records.bad_reasons[0]
 
 
 def test_more_bad_rows_and_skip_counts(tmp_path, tok):
@@ -191,21 +191,26 @@ def test_more_bad_rows_and_skip_counts(tmp_path, tok):
              json.dumps(ROWS["messages"][1])]
     path = tmp_path / "m.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(DataError, match=r"m\.jsonl row 1: \(line 2\) is not valid JSON"):
+    with pytest.raises(DataError, match=r"m\.jsonl row 2: not valid JSON"):
         load_records(path, format="messages")
     pipe = SFTPipeline(cfg(path, format="messages", skip_bad_rows=True), tok, global_batch=2, seq_len=32)
     assert pipe.stats["bad_rows"] == 3 and pipe.stats["examples"] == 2
     reasons = " ".join(pipe.stats["bad_row_reasons"])
-    assert "row 2: field 'messages' must be a list" in reasons and "row 3: field 'messages' has no assistant" in reasons
+    assert "row 3: field 'messages' must be a list" in reasons and "row 4: field 'messages' has no assistant" in reasons
     # CSV and Parquet rows are named the same way.
     csv_path = write(tmp_path / "d.csv", ROWS["prompt_completion"][:2] + [{"prompt": "x", "completion": ""}], "csv")
-    with pytest.raises(DataError, match=r"d\.csv row 2: field 'completion' is empty"):
+    with pytest.raises(DataError, match=r"d\.csv row 3: field 'completion' is empty"):
         load_records(csv_path)
     pq_path = write(tmp_path / "d.parquet", ROWS["text"][:4] + [{"text": None}], "parquet")
-    with pytest.raises(DataError, match=r"d\.parquet row 4: field 'text' is missing"):
+    with pytest.raises(DataError, match=r"d\.parquet row 5: field 'text' is missing"):
         load_records(pq_path)
     with pytest.raises(DataError, match="no such file"):
         load_records(tmp_path / "missing.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match=r"empty\.jsonl: the file is empty"):
+        load_records(tmp_path / "empty.jsonl")
+    with pytest.raises(DataError, match=r"empty\.jsonl: the dataset is empty"):
+        load_records(tmp_path / "empty.jsonl", format="text")
 
 
 def test_rows_that_fail_to_tokenise_are_named_or_skipped(tmp_path, tok):
@@ -219,7 +224,7 @@ def test_rows_that_fail_to_tokenise_are_named_or_skipped(tmp_path, tok):
             for i in range(30)]
     path = write(tmp_path / "boom.jsonl", rows, "jsonl")
     pipe = SFTPipeline(cfg(path, num_epochs=1, max_rows=25), picky, global_batch=4, seq_len=64)  # row 20 is past the probe
-    with pytest.raises(DataError, match=r"boom\.jsonl row 20: cannot tokenise \(TemplateError: no boom\)"):
+    with pytest.raises(DataError, match=r"boom\.jsonl row 21: cannot tokenise \(TemplateError: no boom\)"):
         batches(pipe)
     pipe = SFTPipeline(cfg(path, num_epochs=1, max_rows=25, skip_bad_rows=True), picky, global_batch=4, seq_len=64)
     assert len(documents(batches(pipe)[0])) == 24

@@ -156,7 +156,7 @@ def _jsonl_rows(path: str) -> RawRows:
             try:
                 yield line_number, json.loads(line)
             except json.JSONDecodeError as e:
-                yield line_number, RowError(None, f"is not valid JSON: {e}")
+                yield line_number, RowError(None, f"not valid JSON: {e}")
 
 
 def _open_json(path: str) -> tuple[str, list[str] | None, RawRows]:
