@@ -96,8 +96,8 @@ class MetricsLogger:
         if self._progress and self.is_writer:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=self.total_steps, initial=step, file=self.console, unit="step",
-                             dynamic_ncols=True, smoothing=0.1, desc="train")
+            self._bar = tqdm(total=self.total_steps, initial=step, file=self.console, smoothing=0.1, desc="train",
+                             bar_format="{desc} {n_fmt}/{total_fmt} |{bar:20}| [{elapsed}<{remaining}]{postfix}")
 
     def tick(self, step: int) -> None:
         """Step `step` is done: advance the progress bar (no-op without one)."""
@@ -138,7 +138,8 @@ class MetricsLogger:
             if split == "train":
                 self._bar.set_postfix_str("  ".join(f"{k} {v}" for k, v in fields), refresh=True)
             else:
-                self._bar.write(f"{split} step {step}/{self.total_steps}  " + "  ".join(f"{k} {v}" for k, v in fields))
+                self._bar.write(f"{split} step {step}/{self.total_steps}  " + "  ".join(f"{k} {v}" for k, v in fields),
+                                file=self.console)
             return
         parts = [f"{split} step {step}/{self.total_steps}"] + [f"{k} {v}" for k, v in fields]
         if split == "train" and self._start is not None and step > self._start_step:
