@@ -13,7 +13,7 @@ from jax.sharding import Mesh
 
 from polmjax.kernels.attention import flash
 from polmjax.kernels.attention.ops import IMPLS, BlockSizes, attention, attention_sharded
-from polmjax.kernels.attention.reference import attention_reference
+from polmjax.kernels.attention.reference import attention_mask, attention_reference
 
 PALLAS = ("pallas_tpu", "pallas_gpu")
 # Max error relative to the largest reference value: float32 kernels agree to rounding; bf16 kernels round
@@ -86,14 +86,11 @@ NAIVE_CASES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(NAIVE_CASES))
-def test_reference_matches_dense_softmax(name):
+def _naive_case(name):
+    """(case options, q, k, v, dout, reference keyword arguments) of NAIVE_CASES[name]."""
     case = dict(NAIVE_CASES[name])
     B, T, S, H, G, K = 2, case.pop("T", 9), 9, case.pop("H", 4), case.pop("G", 2), 8
-    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
-    q = jax.random.normal(kq, (B, T, H, K), jnp.float32)
-    k = jax.random.normal(kk, (B, S, G, K), jnp.float32)
-    v = jax.random.normal(kv, (B, S, G, K), jnp.float32)
+    q, k, v, dout = _inputs(0, B, T, S, H, G, K, jnp.float32)
     segs = case.get("segment_ids")
     if isinstance(segs, tuple):
         q_seg, kv_seg = (jnp.asarray(x) for x in segs)
@@ -102,12 +99,51 @@ def test_reference_matches_dense_softmax(name):
     else:
         q_seg = kv_seg = None
     kwargs = {name: value for name, value in case.items() if name != "segment_ids"}
-    got = _jit_run(lambda q, k, v: attention_reference(q, k, v, q_segment_BT=q_seg, kv_segment_BS=kv_seg,
-                                                       **kwargs), q, k, v)
+    return case, q, k, v, dout, dict(kwargs, q_segment_BT=q_seg, kv_segment_BS=kv_seg)
+
+
+@pytest.mark.parametrize("name", sorted(NAIVE_CASES))
+def test_reference_matches_dense_softmax(name):
+    case, q, k, v, _, kwargs = _naive_case(name)
+    got = _jit_run(lambda q, k, v: attention_reference(q, k, v, **kwargs), q, k, v)
     want = _naive(q, k, v, **case)
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-6, rtol=2e-6)
     if name == "q_offset_negative":
         assert not np.asarray(got)[:, :2].any()
+
+
+def _dense(q, k, v, *, causal=True, q_segment_BT=None, kv_segment_BS=None, window=None, softcap=None,
+           scale=None, q_offset=None):
+    """The textbook layout in jnp: kv heads repeated, [B, H, T, S] probabilities normalised before the
+    product with v; a row that sees no key gives zeros (and no gradient)."""
+    B, T, H, K = q.shape
+    S, G = k.shape[1], k.shape[2]
+    mask_B1TS = attention_mask(T, S, causal=causal, q_offset=S - T if q_offset is None else q_offset,
+                               window=window, q_segment_BT=q_segment_BT, kv_segment_BS=kv_segment_BS)[:, None]
+    k_BSHK, v_BSHK = jnp.repeat(k, H // G, axis=2), jnp.repeat(v, H // G, axis=2)
+    logits_BHTS = jnp.einsum("bthk,bshk->bhts", q, k_BSHK) * (K**-0.5 if scale is None else scale)
+    if softcap is not None:
+        logits_BHTS = softcap * jnp.tanh(logits_BHTS / softcap)
+    logits_BHTS = jnp.where(mask_B1TS, logits_BHTS, -jnp.inf)
+    m = jax.lax.stop_gradient(logits_BHTS.max(axis=-1, keepdims=True))
+    e_BHTS = jnp.exp(logits_BHTS - jnp.where(jnp.isfinite(m), m, 0.0))
+    p_BHTS = e_BHTS / jnp.maximum(e_BHTS.sum(axis=-1, keepdims=True), 1e-30)
+    return jnp.einsum("bhts,bshk->bthk", p_BHTS, v_BSHK)
+
+
+@pytest.mark.parametrize("name", sorted(NAIVE_CASES))
+def test_reference_gradients_match_dense_softmax(name):
+    """The reference's layout (grouped heads, normalised after the product with v) changes no gradient."""
+    _, q, k, v, dout, kwargs = _naive_case(name)
+
+    def value_and_vjp(fn):
+        out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, **kwargs), q, k, v)
+        return (out, *vjp(dout))
+
+    got = _jit_run(lambda: value_and_vjp(attention_reference))
+    want = _jit_run(lambda: value_and_vjp(_dense))
+    for what, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5, rtol=2e-5, err_msg=what)
 
 
 # Pallas backends in interpret mode against the reference -------------------------------------------

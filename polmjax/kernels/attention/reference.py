@@ -53,8 +53,8 @@ def attention_reference(
     A query that may see no key at all (possible only with segments or offsets) gets zeros.
     Laid out for XLA's batched matmuls, as the flash kernels compute: heads grouped as [B, G, R, T, K] so
     both products take the [.., T, S] logits in the layout they are made in (no transposed copies of
-    them), and the softmax normalised after the second product, on [T, K] rather than [T, S]. On a
-    CPU SFT step this halves the [T, S]-sized memory traffic of the layer's backward pass.
+    them), and the softmax normalised after the second product, on [T, K] rather than [T, S]. On XLA:CPU
+    this cuts a layer's forward + backward from 24 to 16 passes over [B, H, T, S] float32 arrays.
     """
     B, T, H, K = q_BTHK.shape
     S, G = k_BSGK.shape[1], k_BSGK.shape[2]
