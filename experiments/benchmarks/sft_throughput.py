@@ -16,10 +16,9 @@ Rows (the code path each one times):
   torch    model(ids, labels=..)       the TRL-equivalent eager step: loss.backward(); clip; AdamW.step()
 
 polmjax runs in this interpreter's environment. TRL and tunix (`google-tunix`, which brings its own jax,
-flax and optax pins) run in a separate venv, `--peer-python` (default /work/bench-venv/bin/python):
-
-    python3 -m venv /work/bench-venv
-    /work/bench-venv/bin/pip install torch==2.13.0 trl google-tunix transformers
+flax and optax pins) run in a separate venv: `--peer-python PATH` (or $POLMJAX_BENCH_PYTHON), else the
+repository's git-ignored experiments/benchmarks/.peer-venv, which `peer_venv.py` builds on first use (a few
+minutes; --no-build-peers skips the peer rows instead).
 
 Run from the repository root (CPU: about 2 minutes a round on 2 idle cores):
 
@@ -58,8 +57,7 @@ PEERS = os.path.join(HERE, "_peers")
 sys.path.insert(0, PEERS)
 
 from peer_common import busy_seconds  # noqa: E402  (stdlib only; the peers share it)
-
-DEFAULT_PEER_PYTHON = "/work/bench-venv/bin/python"
+from peer_venv import default_peer_python, peer_python  # noqa: E402
 
 MODEL = dict(family="llama", vocab_size=512, hidden_size=256, intermediate_size=704, num_layers=4, num_heads=8,
              num_kv_heads=4, head_dim=32)
@@ -83,8 +81,11 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--prompt-len", type=int, default=0,
                    help="0: loss on every token; N > 0: completion-only, no loss on the first N tokens of each row")
-    p.add_argument("--peer-python", default=os.environ.get("POLMJAX_BENCH_PYTHON", DEFAULT_PEER_PYTHON),
-                   help="interpreter of the venv holding trl, torch==2.13.0 and google-tunix")
+    p.add_argument("--peer-python", default=default_peer_python(),
+                   help="interpreter of the venv holding trl, torch==2.13.0 and google-tunix (default "
+                        "$POLMJAX_BENCH_PYTHON, else experiments/benchmarks/.peer-venv, built on first use)")
+    p.add_argument("--no-build-peers", action="store_true",
+                   help="never build the peers' venv: without one, the TRL, tunix and torch rows are skipped")
     p.add_argument("--only", default="", help="comma-separated subset of: polmjax,tunix,trl,torch")
     p.add_argument("--rounds", type=int, default=1,
                    help="run every row this many times, alternating the order, and pool the timed steps")
@@ -114,15 +115,15 @@ def main(argv=None):
     argv_common = ["--hf-dir", hf_dir, "--tokens", tokens_path, "--loss-mask", mask_path, "--steps",
                    str(args.steps), "--warmup", str(args.warmup), "--lr", str(args.lr)]
     rows = [r for r in ROWS if not only or _key(r) in only]
+    peer, no_peer = resolve_peer(args) if any(r[3] == "peer" for r in rows) else (None, None)
     results = {(_key(r), r[2]): None for r in rows}
     versions = {}
     for rnd in range(args.rounds):
         for row in rows if rnd % 2 == 0 else rows[::-1]:  # alternate the order: drift hits every row alike
             name, script, mode, interp = row
-            python = sys.executable if interp == "self" else args.peer_python
-            if not os.path.exists(python):
-                r = _skipped(name, mode, f"peer interpreter {python} not found: create it as the module "
-                                         "docstring says, or pass --peer-python")
+            python = sys.executable if interp == "self" else peer
+            if python is None:
+                r = _skipped(name, mode, no_peer)
             else:
                 busy = _wait_quiet(args.quiet_wait, args.quiet)
                 out = os.path.join(workdir, f"{_key(row)}_{mode}_r{rnd}.json")
@@ -146,6 +147,14 @@ def main(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------
+
+
+def resolve_peer(args) -> tuple[str | None, str | None]:
+    """(the peers' interpreter, None), built if missing and allowed; else (None, why there is none)."""
+    try:
+        return peer_python(args.peer_python, build=not args.no_build_peers), None
+    except (SystemExit, subprocess.CalledProcessError) as e:
+        return None, f"no peer venv: {e}"
 
 
 def _key(row):

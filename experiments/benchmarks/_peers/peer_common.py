@@ -25,6 +25,8 @@ def parse_args(modes):
     p.add_argument("--warmup", type=int, required=True)
     p.add_argument("--lr", type=float, required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--target", default="", help="--mode compare: also compile for this TPU slice (v5p:1x1x1)")
+    p.add_argument("--dump-dir", default="", help="--mode compare: write the compiled programs' HLO text here")
     return p.parse_args()
 
 
@@ -99,12 +101,50 @@ def xla_cost(compiled) -> str:
         return f"XLA cost analysis unavailable ({type(e).__name__})"
 
 
+def cost_report(compiled) -> dict:
+    """XLA's cost and memory analysis of a compiled step (per device; deterministic, load-independent)."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    mem = compiled.memory_analysis()
+    hlo = compiled.as_text()
+    return {"gflop": cost["flops"] / 1e9, "gb_accessed": cost["bytes accessed"] / 1e9,
+            "temp_mib": mem.temp_size_in_bytes / 2**20, "argument_mib": mem.argument_size_in_bytes / 2**20,
+            "pallas_calls": hlo.count('custom_call_target="tpu_custom_call"')}
+
+
+def dump_hlo(args, name, compiled):
+    """The compiled program's HLO text into --dump-dir (nothing without one)."""
+    if args.dump_dir:
+        os.makedirs(args.dump_dir, exist_ok=True)
+        with open(os.path.join(args.dump_dir, f"{name}.hlo.txt"), "w") as f:
+            f.write(compiled.as_text())
+
+
+def tpu_devices(target):
+    """Compile-only devices of a TPU slice ("v5p:1x1x1", "v5e:2x2") from this CPU host (needs libtpu).
+
+    A slice smaller than one host (v5p hosts hold 2x2x1 chips) needs its own chips_per_host_bounds.
+    """
+    from jax.experimental import topologies
+
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no host-wide lock, no TPU host probing
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    dims = [int(d) for d in target.partition(":")[2].split("x")]
+    kwargs = {"chips_per_host_bounds": tuple(dims + [1] * (3 - len(dims)))} if np.prod(dims) < 4 else {}
+    return list(topologies.get_topology_desc(platform="tpu", topology_name=target, **kwargs).devices)
+
+
 def write(args, steps, **result):
     """The result file: `steps` is Clock.steps(), stored as step_times and step_others."""
     result["step_times"] = [t for t, _ in steps]
     result["step_others"] = [o for _, o in steps]
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
+
+
+def one_line(e: Exception) -> str:
+    """An exception as one short line for a result file."""
+    return f"{type(e).__name__}: {e}".splitlines()[0][:400]
 
 
 def guarded(main):
@@ -120,5 +160,5 @@ def guarded(main):
         traceback.print_exc()
         if out:
             with open(out, "w") as f:
-                json.dump({"error": f"{type(e).__name__}: {e}".splitlines()[0][:400]}, f)
+                json.dump({"error": one_line(e)}, f)
         sys.exit(1)

@@ -5,6 +5,10 @@ The model comes from the shared HF directory through `tunix.models.llama3.params
 training (no LoRA), optax AdamW behind global-norm clipping at 1.0, no mesh (one CPU device), no checkpoints,
 no metrics backends, no progress bar.
 --mode step: the trainer's jitted train step (`jit_train_and_eval_step`, as `train()` builds it) in a plain loop.
+--mode compare (for `sft_step_compare.py`): the same timing, plus XLA's cost and memory analysis of the trainer's
+  `_train_step` as one pure jitted function of (model + optimizer state, batch), state donated as polmjax's (HLO
+  text into --dump-dir); with --target also compiled ahead of time for one chip of that TPU slice (needs libtpu in
+  this venv: pip install "jax[tpu]==<this venv's jax version>").
 --mode trainer: `PeftTrainer.train()`, step times from `TrainingHooks.on_train_step_start`: the interval between
   two step starts is the steady-state step time (tunix dispatches step i asynchronously, then waits for step
   i-1's loss). One extra step runs last so that every timed interval ends at a step start (an interval ending
@@ -25,7 +29,7 @@ import peer_common as common  # noqa: E402
 
 
 def main():
-    args = common.parse_args(["step", "trainer"])
+    args = common.parse_args(["step", "trainer", "compare"])
     import jax
     import jax.numpy as jnp
     import optax
@@ -70,17 +74,30 @@ def main():
     # tunix's default loss takes targets = tokens[:, 1:] where input_mask[:, 1:]: the same tokens as ours
     example = peft_trainer.TrainingInput(input_tokens=jnp.asarray(tokens_BT), input_mask=jnp.asarray(loss_mask_BT > 0))
     first_loss = float(peft_trainer._default_loss_fn(model, **gen_model_input(example)))
-    vers = common.versions("google-tunix", "jax", "jaxlib", "flax", "optax")
+    vers = common.versions("google-tunix", "jax", "jaxlib", "flax", "optax", "libtpu")
+    extra = {}
 
-    if args.mode == "step":
+    if args.mode in ("step", "compare"):
         train_step, _ = trainer.jit_train_and_eval_step(cache_nnx_graph=True)
-        notes.append(common.xla_cost(_compiled_train_step(trainer, example)))
+        compiled = _compiled_train_step(trainer, example)
+        if args.mode == "compare":
+            common.dump_hlo(args, "tunix_cpu", compiled)
+            extra["cpu"] = common.cost_report(compiled)
+        else:
+            notes.append(common.xla_cost(compiled))
 
         def step():
             return jax.block_until_ready(train_step(example))
 
         _, steps = common.time_steps(step, args.warmup, args.steps)
         path = "PeftTrainer jitted train step, loop"
+        if args.mode == "compare" and args.target:
+            try:
+                compiled = _compiled_train_step(trainer, example, common.tpu_devices(args.target)[0])
+                common.dump_hlo(args, f"tunix_{args.target.replace(':', '_')}", compiled)
+                extra["tpu"] = {"xla": common.cost_report(compiled)}
+            except Exception as e:  # noqa: BLE001 - reported in the table; the CPU numbers still stand
+                extra["tpu_error"] = common.one_line(e)
     else:
         class Timer(hooks.TrainingHooks):
             """Marks each step's start: step i lasts from its start to step i+1's."""
@@ -113,11 +130,12 @@ def main():
         path = "PeftTrainer.train() + TrainingHooks"
         notes.append(f"{len(timer.clock.marks)} steps run; the last one only closes the last timed interval")
     common.write(args, framework="tunix", path=path, steps=steps, first_loss=first_loss, versions=vers,
-                 notes=notes)
+                 notes=notes, **extra)
 
 
-def _compiled_train_step(trainer, example):
-    """The trainer's `_train_step` as one pure jitted function of (model + optimizer state, batch), compiled."""
+def _compiled_train_step(trainer, example, device=None):
+    """The trainer's `_train_step` as one pure jitted function of (model + optimizer state, batch), state
+    donated, compiled for this host or (device: a compile-only TPU device) for that device."""
     import jax
     from flax import nnx
 
@@ -128,7 +146,11 @@ def _compiled_train_step(trainer, example):
         out = trainer._train_step(model, optimizer, example)
         return out, nnx.state((model, optimizer))
 
-    return jax.jit(pure).lower(state, example).compile()
+    args = (state, example)
+    if device is not None:
+        sharding = jax.sharding.SingleDeviceSharding(device)
+        args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), args)
+    return jax.jit(pure, donate_argnums=0).lower(*args).compile()
 
 
 if __name__ == "__main__":
