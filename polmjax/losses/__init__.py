@@ -1,5 +1,8 @@
 """Losses: small pure functions over log-probs, masks and rewards; they return per-example [B] float32."""
 
+from polmjax.losses.preference import KTO_LOSSES, PREFERENCE_LOSSES, combine, implicit_rewards
+from polmjax.losses.reward import bradley_terry, center_rewards
 from polmjax.losses.sft import sft_loss, token_weights
 
-__all__ = ["sft_loss", "token_weights"]
+__all__ = ["KTO_LOSSES", "PREFERENCE_LOSSES", "bradley_terry", "center_rewards", "combine", "implicit_rewards",
+           "sft_loss", "token_weights"]
