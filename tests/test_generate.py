@@ -5,6 +5,7 @@ import numpy as np
 
 from polmjax import models
 from polmjax.generate import generate, left_pad
+from polmjax.mesh import make_mesh
 
 CFG = models.ModelConfig(family="qwen3", vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=2,
                          num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True)
@@ -46,3 +47,27 @@ def test_sampling_is_seeded():
                                         eos_id=-1, temperature=1.0, top_k=10)[0])
     np.testing.assert_array_equal(run(0), run(0))
     assert not np.array_equal(run(0), run(1))
+
+
+def test_scan_layers_and_mesh_generate_the_same_tokens():
+    """The cache as one stacked buffer carried by the layer scan, and sharded over a mesh, decodes the same."""
+    cfg = CFG.replace(layer_types=("sliding", "full", "sliding"), num_layers=3, sliding_window=3)
+    model = models.create(cfg, seed=1)
+    ids, mask = left_pad([[5, 6, 7, 8, 9], [11, 12], [3], [4, 4, 4, 4]], pad_id=0)
+    ref = generate(cfg, model.params(), ids, mask, max_new_tokens=7, eos_id=-1)[0]
+    scanned = generate(cfg.replace(scan_layers=True), model.params(), ids, mask, max_new_tokens=7, eos_id=-1)[0]
+    np.testing.assert_array_equal(np.asarray(scanned), np.asarray(ref))
+    for shape in [(2, 2, 2), (1, 4, 2)]:
+        mesh = make_mesh(*shape)
+        sharded = models.create(cfg, seed=1, mesh=mesh)
+        got = generate(cfg, sharded.params(), ids, mask, max_new_tokens=7, eos_id=-1, mesh=mesh)[0]
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(ref), err_msg=str(shape))
+
+
+def test_decoder_call_donates_the_cache():
+    """`model(ids, cache=cache)` writes into the cache's buffers: the one passed in is consumed."""
+    model = models.create(CFG, seed=0)
+    cache = model.init_cache(1, 8)
+    _, new = model(np.asarray([[5, 6]]), cache=cache)
+    assert all(c.is_deleted() for c in jax.tree.leaves((cache.k, cache.v)))
+    assert int(new.index) == 2

@@ -136,25 +136,33 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh, rules=None) -> dict:
 class KVCache(NamedTuple):
     """Preallocated keys/values of every layer for `S` positions, and how many are filled.
 
-    k, v: [L, B, S, G, K]; segment_ids: [B, S] (the segment of each written key); index: int32 scalar,
-    the slot the next token is written to (the same for every row: prompts are left-padded, and the pad
-    tokens get their own segment id so that nothing attends to them).
+    k, v: one [L, B, G, S, K] array when `cfg.scan_layers` (the layer scan carries it), else a tuple of
+    L per-layer [B, G, S, K] arrays (each layer reads its own buffer: no slice of a stacked array to copy
+    out first, which XLA:CPU would do). Either way a forward writes only the new positions, in place.
+    Heads before positions: a decode step's q.k and p.v products read the keys and values in stored
+    order (XLA:TPU picks this layout itself; the CPU needs no transposed copies).
+    segment_ids: [B, S] (the segment of each written key); index: int32 scalar, the slot the next token
+    is written to (the same for every row: prompts are left-padded, and the pad tokens get their own
+    segment id so that nothing attends to them).
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: jax.Array | tuple[jax.Array, ...]
+    v: jax.Array | tuple[jax.Array, ...]
     segment_ids: jax.Array
     index: jax.Array
 
     @staticmethod
     def create(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
         dtype = jnp.dtype(dtype or cfg.compute_dtype)
-        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                       jnp.full((batch, max_len), -1, jnp.int32), jnp.zeros((), jnp.int32))
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        if cfg.scan_layers:
+            k, v = (jnp.zeros((cfg.num_layers, *shape), dtype) for _ in range(2))
+        else:
+            k, v = (tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)) for _ in range(2))
+        return KVCache(k, v, jnp.full((batch, max_len), -1, jnp.int32), jnp.zeros((), jnp.int32))
 
 
-CACHE_AXES = ("layers", "act_batch", "cache_len", "act_kv_heads", "head_dim")
+CACHE_AXES = ("layers", "act_batch", "act_kv_heads", "cache_len", "head_dim")  # a per-layer buffer: [1:]
 
 
 class _Ctx(NamedTuple):
@@ -165,9 +173,10 @@ class _Ctx(NamedTuple):
     def constrain(self, x, *axes):
         return mesh_lib.constrain(x, axes, self.mesh, self.rules)
 
-    def attention(self, q, k, v, **kw):
-        """`attention` with cfg.attention_impl; Pallas kernels on a mesh run per device under shard_map."""
-        impl = _resolve_impl(self.cfg.attention_impl, self.mesh)
+    def attention(self, q, k, v, impl=None, **kw):
+        """`attention` with `impl` (default cfg.attention_impl); Pallas kernels on a mesh run per device
+        under shard_map."""
+        impl = _resolve_impl(impl or self.cfg.attention_impl, self.mesh)
         if impl.startswith("pallas"):
             kw["interpret"] = self.cfg.kernel_interpret
         if self.mesh is None or impl in ("xla", "cudnn"):
@@ -225,16 +234,22 @@ def forward_hidden(
     else:
         segments = segment_ids_BT
 
-    def layer(kind, x, p, kv, index):
-        fn = functools.partial(_block, ctx, kind, segments=segments,
+    def layer(kind, x, p, kv, index, slot):
+        fn = functools.partial(_block, ctx, kind, segments=segments, slot=slot,
                                q_offset=None if cache is None else cache.index)
         if cfg.remat != "none":
             fn = jax.checkpoint(fn, policy=_REMAT_POLICIES[cfg.remat])
         rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
-        return fn(x, p, ropes[kind], kv, index, rng)
+        return fn(x, p, ropes[kind], kv, rng)
 
     layers = params["layers"]
-    cache_kv = None if cache is None else (ctx.constrain(cache.k, *CACHE_AXES), ctx.constrain(cache.v, *CACHE_AXES))
+    cache_kv = None
+    if cache is not None:
+        if isinstance(cache.k, tuple) == cfg.scan_layers:
+            raise ValueError(f"forward_hidden: scan_layers={cfg.scan_layers} takes a cache of "
+                             f"{'one stacked array' if cfg.scan_layers else 'per-layer arrays'}; create it with "
+                             "KVCache.create(cfg, ...) or model.init_cache(...) for this config")
+        cache_kv = jax.tree.map(lambda c: ctx.constrain(c, *CACHE_AXES[-c.ndim:]), (cache.k, cache.v))
     x_BTD, cache_kv = _run_layers(cfg, layer, x_BTD, layers, cache_kv)
     x_BTD = _rms_norm(cfg, x_BTD, params["final_norm"])
     new_cache = None
@@ -295,9 +310,12 @@ def _run_layers(cfg, layer, x, layers, cache_kv):
     only its new positions into it, so XLA updates one buffer in place instead of copying the cache.
     """
     L, types = cfg.num_layers, cfg.layer_types
-    if not cfg.scan_layers:
+    if not cfg.scan_layers:  # cache_kv: per-layer buffers
         for i in range(L):
-            x, cache_kv = layer(types[i], x, jax.tree.map(lambda a: a[i], layers), cache_kv, i)
+            kv = None if cache_kv is None else tuple(c[i] for c in cache_kv)
+            x, kv = layer(types[i], x, jax.tree.map(lambda a: a[i], layers), kv, i, None)
+            if kv is not None:
+                cache_kv = tuple(c[:i] + (new,) + c[i + 1:] for c, new in zip(cache_kv, kv))
         return x, cache_kv
 
     period, repeats = layer_groups(cfg)
@@ -307,14 +325,14 @@ def _run_layers(cfg, layer, x, layers, cache_kv):
         x, kv = carry
         p_group, first = xs
         for j in range(period):
-            x, kv = layer(types[j], x, jax.tree.map(lambda a: a[j], p_group), kv, first + j)
+            x, kv = layer(types[j], x, jax.tree.map(lambda a: a[j], p_group), kv, first + j, first + j)
         return (x, kv), None
 
     groups = jax.tree.map(lambda a: a[:n].reshape(repeats, period, *a.shape[1:]), layers)
     firsts = jnp.arange(repeats, dtype=jnp.int32) * period
     (x, cache_kv), _ = jax.lax.scan(body, (x, cache_kv), (groups, firsts))
     for i in range(n, L):
-        x, cache_kv = layer(types[i], x, jax.tree.map(lambda a: a[i], layers), cache_kv, i)
+        x, cache_kv = layer(types[i], x, jax.tree.map(lambda a: a[i], layers), cache_kv, i, i)
     return x, cache_kv
 
 
@@ -333,12 +351,13 @@ PROJECTIONS = {
 _PROJ_IDS = {name: i for i, name in enumerate(PROJECTIONS)}
 
 
-def _block(ctx: _Ctx, kind: str, x_BTD, p: dict, cos_sin, kv, layer, rng, *, segments, q_offset):
-    """One decoder layer. kv: every layer's cache (k_LBSGK, v_LBSGK) or None; layer: this layer's index
-    in it (an int or a traced scalar under scan); rng: LoRA dropout key or None.
+def _block(ctx: _Ctx, kind: str, x_BTD, p: dict, cos_sin, kv, rng, *, segments, q_offset, slot):
+    """One decoder layer. kv: this layer's cache (k_BGSK, v_BGSK; slot None), or the stacked cache
+    (k_LBGSK, v_LBGSK) and this layer's `slot` in it (an int, or a traced scalar under scan), or None;
+    rng: LoRA dropout key or None.
 
     Returns (x, kv), kv with this layer's new keys/values written at q_offset (only those: an update of
-    a [T]-long slice, in place in the carried buffer)."""
+    a T-long slice, in place in the carried buffer)."""
     cfg = ctx.cfg
     dtype = x_BTD.dtype
 
@@ -373,11 +392,17 @@ def _block(ctx: _Ctx, kind: str, x_BTD, p: dict, cos_sin, kv, layer, rng, *, seg
     k = rope_lib.apply_rope(k, *cos_sin)
     q = ctx.constrain(q, "act_batch", "act_len", "act_heads", None)
     k = ctx.constrain(k, "act_batch", "act_len", "act_kv_heads", None)
+    v = ctx.constrain(v, "act_batch", "act_len", "act_kv_heads", None)
+    impl = None
     if kv is not None:
-        kv = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), (layer, 0, q_offset, 0, 0))
-                   for c, new in zip(kv, (k, v)))
-        k, v = (jax.lax.dynamic_index_in_dim(c, layer, keepdims=False).astype(dtype) for c in kv)
-    a = ctx.attention(q, k, v, causal=True, segment_ids=segments,
+        lead = () if slot is None else (slot,)
+        kv = tuple(jax.lax.dynamic_update_slice(c, new.swapaxes(1, 2)[(None,) * len(lead)].astype(c.dtype),
+                                                (*lead, 0, 0, q_offset, 0)) for c, new in zip(kv, (k, v)))
+        k, v = (c if slot is None else jax.lax.dynamic_index_in_dim(c, slot, keepdims=False) for c in kv)
+        k, v = k.swapaxes(1, 2).astype(dtype), v.swapaxes(1, 2).astype(dtype)
+        if q.shape[1] == 1:  # one-token decode: XLA reads the keys in place; a kernel call would copy them out
+            impl = "xla"
+    a = ctx.attention(q, k, v, impl, causal=True, segment_ids=segments,
                       window=cfg.sliding_window if kind == "sliding" else None, softcap=cfg.attn_softcap,
                       scale=cfg.attn_scale, q_offset=q_offset)
     a = proj("o", a)
@@ -463,7 +488,10 @@ class Decoder(nnx.Module):
 
     def __call__(self, input_ids_BT, positions=None, segment_ids=None, cache: KVCache | None = None):
         """Float32 logits [B, T, V]; with a cache, (logits, updated cache). Compiled once per shape (inside
-        an outer `jax.jit` it is inlined; `jax.disable_jit()` runs it op by op for debugging)."""
+        an outer `jax.jit` it is inlined; `jax.disable_jit()` runs it op by op for debugging).
+
+        The cache passed in is donated: the new positions are written into its buffers, which the
+        returned cache reuses (keep using the returned one)."""
         logits, new_cache = _apply(self.params(), input_ids_BT, positions, segment_ids, cache, cfg=self.config,
                                    mesh=self.mesh, rules=self.rules, with_logits=True)
         return logits if cache is None else (logits, new_cache)
@@ -483,11 +511,11 @@ class Decoder(nnx.Module):
             return cache
         put = lambda a, axes: jax.device_put(  # noqa: E731
             a, mesh_lib.named_sharding(self.mesh, axes, a.shape, self.rules_dict))
-        return KVCache(put(cache.k, CACHE_AXES), put(cache.v, CACHE_AXES),
+        return KVCache(*(jax.tree.map(lambda c: put(c, CACHE_AXES[-c.ndim:]), kv) for kv in (cache.k, cache.v)),
                        put(cache.segment_ids, ("act_batch", "cache_len")), cache.index)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "mesh", "rules", "with_logits"))
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh", "rules", "with_logits"), donate_argnames="cache")
 def _apply(params, input_ids_BT, positions, segment_ids, cache, *, cfg, mesh, rules, with_logits):
     """`Decoder.__call__` / `hidden_states` as one compiled program (rules: the hashable tuple form)."""
     rules = None if rules is None else dict(rules)
