@@ -74,7 +74,7 @@ def _dispatch(args) -> int:
     if args.command in ALGORITHMS:
         return _train(args.command, args.experiment, args.overrides, args.allow_config_change)
     if args.command == "export":
-        from polmjax.train.sft import export_run
+        from polmjax.train.run import export_run
 
         print(export_run(args.run_dir, args.step, args.out))
         return 0
