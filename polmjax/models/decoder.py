@@ -219,7 +219,11 @@ def forward_hidden(
     if segment_ids_BT is None and cache is not None:
         segment_ids_BT = jnp.ones((B, T), jnp.int32)
 
-    x_BTD = jnp.take(params["embed"], input_ids_BT, axis=0).astype(dtype)
+    # The lookup gathers the table over fsdp first (as every FSDP weight is gathered for use) and keeps
+    # the vocabulary split over tensor (masked gather + sum, as Megatron's vocab-parallel embedding):
+    # from the stored (vocab, embed) sharding XLA's partitioner would replicate the gathered rows.
+    embed_VD = ctx.constrain(params["embed"], "vocab", None)
+    x_BTD = jnp.take(embed_VD, input_ids_BT, axis=0).astype(dtype)
     if cfg.embed_scale:
         x_BTD = x_BTD * jnp.asarray(math.sqrt(cfg.hidden_size), dtype)
     x_BTD = ctx.constrain(x_BTD, "act_batch", "act_len", "act_embed")
