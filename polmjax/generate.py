@@ -92,9 +92,17 @@ def _per_layer_weights(cfg: ModelConfig, params: dict, mesh):
 
 def _sample(logits_BV, key, temperature: float, top_k: int | None):
     if temperature == 0.0:
-        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+        return _argmax(logits_BV)
     logits = logits_BV / temperature
     if top_k is not None:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _argmax(logits_BV):
+    """jnp.argmax over the vocabulary (the first maximum) as two plain reductions: XLA:CPU runs argmax's
+    (value, index) reduction 7x slower (90 vs 12 us for [8, 2048], 5% of a small model's decode step)."""
+    V = logits_BV.shape[-1]
+    top = logits_BV.max(axis=-1, keepdims=True)
+    return jnp.minimum(jnp.where(logits_BV == top, jnp.arange(V, dtype=jnp.int32), V).min(axis=-1), V - 1)

@@ -37,7 +37,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 from polmjax import aot, models  # noqa: E402
 from polmjax import mesh as mesh_lib  # noqa: E402
 from polmjax.models.decoder import (  # noqa: E402
-    CACHE_AXES, KVCache, flatten, forward_hidden, logits_from_hidden, param_shardings, unflatten)
+    CACHE_AXES,
+    KVCache,
+    flatten,
+    forward_hidden,
+    logits_from_hidden,
+    param_shardings,
+    unflatten,
+)
 
 HBM_BYTES_PER_S = {"v5e": 819e9, "v5p": 2765e9, "v6e": 1640e9, "v4": 1200e9}
 

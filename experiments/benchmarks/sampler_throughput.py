@@ -1,0 +1,234 @@
+"""Benchmark: KV-cache sampling throughput of polmjax vs transformers vs tunix on the same weights and prompts.
+
+One run builds a small Llama once with polmjax and saves it as a Hugging Face directory (so every framework
+samples from the *same weights*), writes one batch of random prompts as .npy, then runs each framework in its
+own subprocess, one after the other, and prints one table: seconds per generate call (median of --calls timed
+calls after --warmup untimed ones), generated tokens/s, the ratio to polmjax, and whether the framework's
+greedy tokens equal polmjax's. Every row does the same work: fp32, greedy, batch B of P-token prompts (no
+padding), N new tokens per row (no end token), on CPU.
+
+Rows (the code path each one times):
+  polmjax       polmjax.generate.generate          prefill + decode loop in one jit, KV cache updated in place
+  transformers  model.generate(do_sample=False)    torch CPU, sdpa, default dynamic cache
+  tunix         tunix.generate.sampler.Sampler     the vanilla sampler (prefill jit + decode while_loop jit)
+
+polmjax runs in this interpreter's environment; transformers and tunix in the peers' venv (`peer_venv.py`:
+`--peer-python`, else experiments/benchmarks/.peer-venv, built on first use). Run from the repository root:
+
+    .venv/bin/python experiments/benchmarks/sampler_throughput.py
+    .venv/bin/python experiments/benchmarks/sampler_throughput.py --rounds 3 --only polmjax,tunix
+
+Shared machines: each timed call records the CPU share other processes took meanwhile; the table's s/call is
+the median of the "quiet" calls (others < --quiet) when there are at least 3, and --rounds N reruns every row
+N times in alternating order, pooling the calls. A benchmark, not a test: on CPU the ratios compare XLA:CPU
+with PyTorch's CPU kernels as much as the frameworks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+PEERS = os.path.join(HERE, "_peers")
+sys.path.insert(0, HERE)
+sys.path.insert(0, PEERS)
+
+from peer_common import busy_seconds  # noqa: E402  (stdlib only; the peers share it)
+from peer_venv import default_peer_python, peer_python  # noqa: E402
+
+# 4.0M parameters; rope theta 1e6 because tunix's Llama 3 always uses that
+MODEL = dict(family="llama", vocab_size=2048, hidden_size=256, intermediate_size=704, num_layers=4, num_heads=4,
+             num_kv_heads=2, head_dim=64, rope=dict(theta=1e6))
+
+# (row key, peer script, interpreter: "self" or "peer")
+ROWS = [("polmjax", "polmjax_sampler.py", "self"), ("transformers", "hf_sampler.py", "peer"),
+        ("tunix", "tunix_sampler.py", "peer")]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--calls", type=int, default=3, help="timed generate calls a row (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls first (compilation)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every row this many times, alternating the order, and pool the timed calls")
+    p.add_argument("--only", default="", help="comma-separated subset of: polmjax,transformers,tunix")
+    p.add_argument("--peer-python", default=default_peer_python(),
+                   help="interpreter of a venv with torch, transformers and google-tunix (default: the in-repo "
+                        "peer venv, built on first use)")
+    p.add_argument("--quiet", type=float, default=0.10,
+                   help="a call is 'quiet' when other processes took less than this share of the CPUs meanwhile")
+    p.add_argument("--quiet-wait", type=float, default=30.0,
+                   help="before each row wait up to this many seconds for the machine to be quiet")
+    p.add_argument("--timeout", type=int, default=900, help="seconds allowed to each peer subprocess")
+    p.add_argument("--workdir", default=None, help="keep the HF model, prompts, tokens and peer logs here")
+    args = p.parse_args(argv)
+    only = {s.strip().lower() for s in args.only.split(",") if s.strip()}
+    if only - {r[0] for r in ROWS}:
+        p.error(f"--only: unknown {sorted(only - {r[0] for r in ROWS})}; choose from polmjax,transformers,tunix")
+    if args.warmup < 1 or args.calls < 1 or args.rounds < 1:
+        p.error("--warmup, --calls and --rounds must be >= 1")
+    rows = [r for r in ROWS if not only or r[0] in only]
+    peer = peer_python(args.peer_python) if any(r[2] == "peer" for r in rows) else None
+
+    workdir = args.workdir or tempfile.mkdtemp(prefix="sampler_throughput_")
+    os.makedirs(workdir, exist_ok=True)
+    print(f"== sampling throughput: batch {args.batch} x prompt {args.prompt_len} + {args.new_tokens} new tokens, "
+          f"greedy, fp32, {args.calls} timed calls after {args.warmup} warm-up, {args.rounds} round(s); "
+          f"workdir {workdir}")
+    hf_dir, prompts_path = _prepare(workdir, args)
+    load_before = os.getloadavg()
+    common = ["--hf-dir", hf_dir, "--prompts", prompts_path, "--new-tokens", str(args.new_tokens),
+              "--calls", str(args.calls), "--warmup", str(args.warmup)]
+    results = {r[0]: None for r in rows}
+    versions = {}
+    for rnd in range(args.rounds):
+        for key, script, interp in rows if rnd % 2 == 0 else rows[::-1]:
+            busy = _wait_quiet(args.quiet_wait, args.quiet)
+            out = os.path.join(workdir, f"{key}_r{rnd}.json")
+            python = sys.executable if interp == "self" else peer
+            r = _run_peer(python, script, common + ["--out", out], out, workdir, args.timeout)
+            r.setdefault("framework", key)
+            versions.update(r.get("versions", {}))
+            print(f"   round {rnd + 1}: {key:12s} "
+                  + (f"{statistics.median(r['step_times']):.3f} s/call" if r.get("step_times")
+                     else f"SKIPPED: {r.get('error')}")
+                  + f"  [{r.get('wall_s', 0):.0f}s; machine busy before {busy:.0%}]", flush=True)
+            prev = results[key]
+            if prev is None or not prev.get("step_times"):
+                results[key] = r
+            elif r.get("step_times"):
+                prev["step_times"] += r["step_times"]
+                prev["step_others"] += r["step_others"]
+    _print_report(results, versions, args, load_before, os.getloadavg())
+
+
+def _prepare(workdir, args):
+    """The one model (saved as HF) and the one batch of prompts every framework samples from."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from polmjax import models
+
+    cfg = models.ModelConfig(**{**MODEL, "rope": models.RopeConfig(**MODEL["rope"])})
+    hf_dir = os.path.join(workdir, "hf")
+    models.save_pretrained(models.create(cfg, seed=0), hf_dir)
+    prompts = np.random.RandomState(0).randint(1, cfg.vocab_size, (args.batch, args.prompt_len)).astype(np.int32)
+    prompts_path = os.path.join(workdir, "prompts.npy")
+    np.save(prompts_path, prompts)
+    print(f"   model: llama {cfg.num_layers}L D={cfg.hidden_size} F={cfg.intermediate_size} H={cfg.num_heads} "
+          f"G={cfg.num_kv_heads} K={cfg.head_dim} V={cfg.vocab_size} untied, {cfg.num_params() / 1e6:.2f}M params "
+          f"-> {hf_dir}")
+    return hf_dir, prompts_path
+
+
+def _run_peer(python, script, argv, out, workdir, timeout):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", JAX_PLATFORMS="cpu",
+               TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join([ROOT] + [x for x in [os.environ.get("PYTHONPATH")] if x]))
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    env["XLA_FLAGS"] = " ".join(flags)  # one host device for every JAX peer
+    log_path = out.replace(".json", ".log")
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        try:
+            rc = subprocess.run([python, os.path.join(PEERS, script)] + argv, env=env, cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {timeout}s (log: {log_path})"}
+    if os.path.exists(out):
+        with open(out) as f:
+            r = json.load(f)
+        r["wall_s"] = time.perf_counter() - t0
+        if r.get("error"):
+            r["error"] += f" (log: {log_path})"
+        return r
+    return {"error": f"exit code {rc}, no result (log: {log_path})"}
+
+
+def _seconds(r, quiet):
+    """(median s/call, whether only quiet calls were used): the quiet ones when there are >= 3."""
+    quiet_times = [t for t, o in zip(r["step_times"], r["step_others"]) if o < quiet]
+    enough = len(quiet_times) >= min(3, len(r["step_times"]))
+    return statistics.median(quiet_times if enough else r["step_times"]), enough
+
+
+def _print_report(results, versions, args, load_before, load_after):
+    tokens = args.batch * args.new_tokens
+    base = results.get("polmjax")
+    base_ok = base is not None and base.get("step_times")
+    base_s = _seconds(base, args.quiet)[0] if base_ok else None
+    base_tokens = np.load(base["tokens"]) if base_ok else None
+    print()
+    print("| framework | code path timed | s/call | tokens/s | polmjax speed-up | greedy tokens == polmjax |")
+    print("|---|---|---:|---:|---:|---|")
+    flagged = False
+    for key, r in results.items():
+        if not r or not r.get("step_times"):
+            print(f"| {key} | SKIPPED: {(r or {}).get('error')} | | | | |")
+            continue
+        sec, all_quiet = _seconds(r, args.quiet)
+        flagged |= not all_quiet
+        same = "n/a" if base_tokens is None else _same(np.load(r["tokens"]), base_tokens)
+        print(f"| {r['framework']} | {r['path']} | {sec:.3f}{'' if all_quiet else '*'} | {tokens / sec:,.0f} | "
+              f"{f'{sec / base_s:.2f}x' if base_s else 'n/a'} | {same} |")
+    print()
+    print(f"s/call: median of the timed generate calls (quiet ones: other processes took < {args.quiet:.0%} of the "
+          f"CPUs meanwhile; * = fewer than 3 were quiet, all calls used). tokens/s = {tokens} generated tokens a "
+          f"call / s/call (prefill included). polmjax speed-up: this row's s/call / polmjax's.")
+    if flagged:
+        print("WARNING: some rows were timed on a busy machine (*): rerun with --rounds 3.")
+    for r in results.values():
+        for note in (r or {}).get("notes", []):
+            print(f"note ({r.get('framework')}): {note}")
+    print()
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())))
+    print(f"hardware: {_cpu_model()}, {os.cpu_count()} logical cores ({len(os.sched_getaffinity(0))} usable), "
+          f"{platform.system()} {platform.release()}, python {platform.python_version()}")
+    print(f"load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f}")
+
+
+def _same(tokens, base):
+    if tokens.shape != base.shape:
+        return f"no (shape {tokens.shape} vs {base.shape})"
+    diff = np.argwhere(tokens != base)
+    if not len(diff):
+        return "yes"
+    return f"no: {len({int(b) for b, _ in diff})}/{len(base)} rows differ, first at token {int(diff[:, 1].min())}"
+
+
+def _wait_quiet(max_wait, quiet, window=1.0):
+    """Wait (at most max_wait s) until the machine is less than `quiet` busy; return the last busy share."""
+    deadline = time.perf_counter() + max_wait
+    while True:
+        b0, t0 = busy_seconds(), time.perf_counter()
+        time.sleep(window)
+        busy = (busy_seconds() - b0) / ((time.perf_counter() - t0) * os.cpu_count())
+        if busy < quiet or time.perf_counter() >= deadline:
+            return busy
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+if __name__ == "__main__":
+    main()
