@@ -3,7 +3,11 @@
 A document is a dict of equal-length 1-D arrays `input_ids`, `targets`, `loss_mask` whose targets
 and mask were computed on the document alone (`make_document`), so a packed row never lets one
 document predict the next one's first token. Rows carry `positions` (restarting at 0 for every
-document) and `segment_ids` (1, 2, ... per document, 0 for padding) for the attention mask.
+segment) and `segment_ids` (1, 2, ... per segment, 0 for padding) for the attention mask.
+
+A document is one segment (an SFT example), or several independent causal sequences that must
+stay in the same row (`join_documents`: a preference pair is prompt+chosen, prompt+rejected). The
+packer moves documents, never segments, so the sequences of one document never straddle rows.
 
     none        one document per row
     first_fit   documents in arrival order, each into the first row with room (else a new row)
@@ -24,6 +28,7 @@ DTYPES = {
     "loss_mask": np.float32,
     "positions": np.int32,
     "segment_ids": np.int32,
+    "desirable": np.bool_,  # unpaired (KTO) label of the segment's example
 }
 
 
@@ -38,6 +43,24 @@ def make_document(ids: np.ndarray, train: np.ndarray) -> dict[str, np.ndarray]:
     loss_mask = np.zeros(ids.shape, np.float32)
     loss_mask[:-1] = np.asarray(train[1:], np.float32)
     return {"input_ids": ids, "targets": targets, "loss_mask": loss_mask}
+
+
+def join_documents(docs: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """One document of several segments: fields concatenated, `positions` restarting at 0 and
+    local `segment_ids` 1, 2, ... per part (offset by the row's earlier segments when assembled)."""
+    out = {k: np.concatenate([d[k] for d in docs]) for k in docs[0]}
+    out["positions"] = np.concatenate([np.arange(len(d["input_ids"]), dtype=np.int32) for d in docs])
+    out["segment_ids"] = np.concatenate(
+        [np.full(len(d["input_ids"]), s, np.int32) for s, d in enumerate(docs, start=1)])
+    return out
+
+
+def segments_have_loss(doc: dict[str, np.ndarray]) -> bool:
+    """True if every segment of the document has at least one loss token."""
+    segments = doc.get("segment_ids")
+    if segments is None:
+        return bool(doc["loss_mask"].any())
+    return bool((np.bincount(segments, weights=doc["loss_mask"])[1:] > 0).all())
 
 
 def assign_bins(lengths: Sequence[int], capacity: int, packing: str) -> list[list[int]]:
@@ -66,25 +89,36 @@ def assign_bins(lengths: Sequence[int], capacity: int, packing: str) -> list[lis
 
 
 def assemble_rows(
-    docs: Sequence[dict[str, np.ndarray]], bins: Sequence[Sequence[int]], seq_len: int, pad_id: int
+    docs: Sequence[dict[str, np.ndarray]],
+    bins: Sequence[Sequence[int]],
+    seq_len: int,
+    pad_id: int,
+    fields: Sequence[str] = FIELDS,
 ) -> dict[str, np.ndarray]:
-    """Lays the documents of each bin side by side: dict of [len(bins), seq_len] arrays."""
-    out = empty_rows(len(bins), seq_len, pad_id)
+    """Lays the documents of each bin side by side: dict of [len(bins), seq_len] arrays.
+
+    `positions` and `segment_ids` come from the documents' own (`join_documents`) or, for a
+    one-segment document, are 0.. and the next segment id; the other `fields` are copied.
+    """
+    out = empty_rows(len(bins), seq_len, pad_id, fields)
+    copied = [k for k in fields if k not in ("positions", "segment_ids")]
     for r, members in enumerate(bins):
-        start = 0
-        for segment, i in enumerate(members, start=1):
+        start = segments = 0
+        for i in members:
             doc = docs[i]
             end = start + len(doc["input_ids"])
-            for k in ("input_ids", "targets", "loss_mask"):
+            for k in copied:
                 out[k][r, start:end] = doc[k]
-            out["positions"][r, start:end] = np.arange(end - start)
-            out["segment_ids"][r, start:end] = segment
+            local = doc.get("segment_ids")
+            out["positions"][r, start:end] = doc["positions"] if local is not None else np.arange(end - start)
+            out["segment_ids"][r, start:end] = segments + (1 if local is None else local)
+            segments += 1 if local is None else int(local.max())
             start = end
     return out
 
 
-def empty_rows(n: int, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
-    """Padding rows: pad ids, no targets, no loss, segment 0."""
-    out = {k: np.zeros((n, seq_len), DTYPES[k]) for k in FIELDS}
+def empty_rows(n: int, seq_len: int, pad_id: int, fields: Sequence[str] = FIELDS) -> dict[str, np.ndarray]:
+    """Padding rows: pad ids, no targets, no loss, segment 0 (and 0/False in any other field)."""
+    out = {k: np.zeros((n, seq_len), DTYPES[k]) for k in fields}
     out["input_ids"][:] = pad_id
     return out

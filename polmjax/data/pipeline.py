@@ -1,9 +1,14 @@
-"""SFT input pipeline on grain: shuffle, shard per process, tokenise, pack, batch; exact resume.
+"""Input pipelines on grain: shuffle, shard per process, tokenise, pack, batch; exact resume.
 
     records --range/shuffle(seed)/repeat(num_epochs)--> (epoch, stream index, record)   grain.MapDataset
             --[process_index::process_count]-->          this process's examples
             --map(tokenise, truncate, next-token targets)--> documents                   (prefetched)
             --_BatchIterator: pack a buffer of documents into rows, emit [rows, seq_len] batches
+
+`PackedPipeline` is that machinery; a kind of data says only how one validated row becomes a
+document (`_document`) and which batch keys it derives from the packed rows (`_finish`):
+`SFTPipeline` here (one segment per example), `PreferencePipeline` and `UnpairedPipeline` in
+preference.py (a pair = one document of two segments; a KTO example = one segment).
 
 Shuffling is grain's index shuffle, reseeded every epoch (deterministic in `seed`). Each process
 reads the examples of the global stream whose index is = process_index (mod process_count), so
@@ -29,7 +34,15 @@ import grain
 import numpy as np
 
 from polmjax.data.formats import SFT_FORMATS, DataError
-from polmjax.data.packing import PACKINGS, assemble_rows, assign_bins, empty_rows, make_document
+from polmjax.data.packing import (
+    FIELDS,
+    PACKINGS,
+    assemble_rows,
+    assign_bins,
+    empty_rows,
+    make_document,
+    segments_have_loss,
+)
 from polmjax.data.sources import Records, load_records
 from polmjax.data.tokenize import tokenize_example
 
@@ -43,7 +56,7 @@ _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=128)
 
 @dataclasses.dataclass
 class DataConfig:
-    """Where the data is and how it becomes batches; `SFTPipeline` reads it."""
+    """Where the data is and how it becomes batches; every pipeline (SFT, preference, unpaired) reads it."""
 
     path: str
     split: str = "train"  # split of a hub dataset / DatasetDict directory
@@ -71,14 +84,20 @@ class DataConfig:
             raise DataError(f"DataConfig.pack_buffer must be >= 1, got {self.pack_buffer}")
 
 
-class SFTPipeline:
-    """Batches of packed, tokenised SFT examples for one process; `iter()` gives a resumable iterator.
+class PackedPipeline:
+    """Batches of packed, tokenised documents for one process; `iter()` gives a resumable iterator.
 
-    Each batch is a dict of numpy arrays of shape [global_batch // process_count, seq_len]:
-    input_ids, targets, positions, segment_ids (int32) and loss_mask (float32). The "train" split
-    is shuffled and repeated per `cfg.num_epochs`; the "eval" split (cfg.eval_fraction of the
-    rows) is read once, in order. A final partial batch is filled with padding rows (no loss).
+    Each batch is a dict of numpy arrays of shape [global_batch // process_count, seq_len]. The
+    "train" split is shuffled and repeated per `cfg.num_epochs`; the "eval" split
+    (cfg.eval_fraction of the rows) is read once, in order. A final partial batch is filled with
+    padding rows (no loss). A kind of data sets FORMATS, FIELDS (the per-token fields packed),
+    MIN_SEQ_LEN, and overrides `_document` (and `_finish` for derived batch keys).
     """
+
+    FORMATS: tuple[str, ...] = ()
+    KIND = "documents"  # for messages: "<source>: format 'x' is not <KIND> format"
+    FIELDS: tuple[str, ...] = FIELDS
+    MIN_SEQ_LEN = 2
 
     def __init__(
         self,
@@ -95,8 +114,8 @@ class SFTPipeline:
             raise DataError(f"global_batch={global_batch} is not divisible by process_count={process_count}")
         if not 0 <= process_index < process_count:
             raise DataError(f"process_index={process_index} is not in [0, process_count={process_count})")
-        if seq_len < 2:
-            raise DataError(f"seq_len must be >= 2, got {seq_len}")
+        if seq_len < self.MIN_SEQ_LEN:
+            raise DataError(f"seq_len must be >= {self.MIN_SEQ_LEN} for {type(self).__name__}, got {seq_len}")
         _check_choice("split", split, ("train", "eval"))
         if split == "eval" and cfg.eval_fraction == 0:
             raise DataError("split='eval' needs DataConfig.eval_fraction > 0")
@@ -108,10 +127,11 @@ class SFTPipeline:
             cfg.path, split=cfg.split, format=cfg.format,
             skip_bad_rows=cfg.skip_bad_rows, max_rows=cfg.max_rows,
         )
-        if self.records.format not in SFT_FORMATS:
+        if self.records.format not in self.FORMATS:
             raise DataError(
-                f"{self.records.source}: format {self.records.format!r} is not an SFT format "
-                f"({', '.join(SFT_FORMATS)}); tokenise it with tokenize_preference/tokenize_unpaired"
+                f"{self.records.source}: format {self.records.format!r} is not {self.KIND} format "
+                f"({', '.join(self.FORMATS)}); {self.records.format} data goes to "
+                f"{PIPELINE_OF_FORMAT[self.records.format]}"
             )
         train, held_out = split_indices(len(self.records), cfg.eval_fraction, cfg.seed)
         self.indices = train if split == "train" else held_out
@@ -159,6 +179,7 @@ class SFTPipeline:
         """What a saved state must match to be restored into this pipeline."""
         c = self.cfg
         return {
+            "kind": type(self).__name__,
             "format": self.records.format, "examples": len(self.indices), "split": self.split,
             "seed": c.seed, "num_epochs": c.num_epochs, "eval_fraction": c.eval_fraction,
             "packing": c.packing, "pack_buffer": c.pack_buffer, "truncation": c.truncation,
@@ -180,35 +201,63 @@ class SFTPipeline:
         epochs = self.cfg.num_epochs if self.split == "train" else 1
         return math.ceil(len(self.indices) * epochs / self.global_batch)
 
+    def _document(self, row: dict[str, Any]) -> tuple[dict[str, np.ndarray] | None, bool]:
+        """A validated row -> (document of at most seq_len tokens, truncated?); (None, False) drops
+        it as too long. Any exception is that row's tokenisation error."""
+        raise NotImplementedError
+
+    def _finish(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Packed [rows, seq_len] arrays of FIELDS -> the batch (adds keys derived from segments)."""
+        return batch
+
     def _prepare(self, item: tuple[int, int, int]) -> dict[str, Any]:
         """(epoch, stream index, record) -> document, or the reason it is dropped."""
         epoch, index, record = item
         out = {"epoch": epoch, "index": index, "drop": None, "truncated": False, "doc": None}
         try:
-            ids, train = tokenize_example(
-                self.records.rows[record], self.records.format, self.tokenizer,
-                completion_only_loss=self.cfg.completion_only_loss,
-            )
+            doc, truncated = self._document(self.records.rows[record])
         except Exception as e:  # a template error in one row is that row's problem
             message = f"{self.records.where(record)}: cannot tokenise ({type(e).__name__}: {e})"
             if not self.cfg.skip_bad_rows:
                 raise DataError(message) from e
             return out | {"drop": "bad", "reason": message}
-        if len(ids) > self.seq_len:
-            if self.cfg.truncation == "drop":
-                return out | {"drop": "too_long"}
-            ids, train = _truncate(ids, train, self.seq_len, self.cfg.truncation, self.tokenizer)
-            out["truncated"] = True
-        doc = make_document(ids, train)
-        if not doc["loss_mask"].any():
-            return out | {"drop": "no_loss"}
-        return out | {"doc": doc}
+        if doc is None:
+            return out | {"drop": "too_long"}
+        if not segments_have_loss(doc):
+            return out | {"drop": "no_loss", "truncated": truncated}
+        return out | {"doc": doc, "truncated": truncated}
 
     def _probe(self) -> None:
         """Tokenises the first examples now, so a broken template fails at construction."""
         results = [self._prepare((0, i, int(r))) for i, r in enumerate(self.indices[:_PROBE_EXAMPLES])]
         if all(r["drop"] == "bad" for r in results):
             raise DataError(f"none of the first {len(results)} examples tokenises; first: {results[0]['reason']}")
+
+
+class SFTPipeline(PackedPipeline):
+    """Batches of packed SFT examples (text, prompt_completion, messages), one segment each.
+
+    Batch: input_ids, targets, positions, segment_ids (int32) and loss_mask (float32), all
+    [global_batch // process_count, seq_len]. Examples longer than seq_len are cut per
+    `cfg.truncation` (right / left keeping the BOS) or dropped.
+    """
+
+    FORMATS = SFT_FORMATS
+    KIND = "an SFT"
+
+    def _document(self, row):
+        ids, train = tokenize_example(row, self.records.format, self.tokenizer,
+                                      completion_only_loss=self.cfg.completion_only_loss)
+        if len(ids) <= self.seq_len:
+            return make_document(ids, train), False
+        if self.cfg.truncation == "drop":
+            return None, False
+        ids, train = _truncate(ids, train, self.seq_len, self.cfg.truncation, self.tokenizer)
+        return make_document(ids, train), True
+
+
+PIPELINE_OF_FORMAT = {**dict.fromkeys(SFT_FORMATS, "SFTPipeline"), "preference": "PreferencePipeline",
+                      "unpaired": "UnpairedPipeline"}
 
 
 def split_indices(n: int, eval_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -221,7 +270,7 @@ def split_indices(n: int, eval_fraction: float, seed: int) -> tuple[np.ndarray, 
 
 
 class _BatchDataset(grain.IterDataset):
-    def __init__(self, parent: grain.IterDataset, pipe: SFTPipeline):
+    def __init__(self, parent: grain.IterDataset, pipe: PackedPipeline):
         super().__init__(parent)
         self._pipe = pipe
 
@@ -249,7 +298,7 @@ _COUNTERS = (
 class _BatchIterator(grain.DatasetIterator):
     """Packs buffers of documents into rows and emits batches; checkpointable (module docstring)."""
 
-    def __init__(self, parent: grain.DatasetIterator, pipe: SFTPipeline):
+    def __init__(self, parent: grain.DatasetIterator, pipe: PackedPipeline):
         super().__init__(parent)
         self._pipe = pipe
         self._buffer_docs = pipe.rows if pipe.cfg.packing == "none" else pipe.cfg.pack_buffer
@@ -270,7 +319,7 @@ class _BatchIterator(grain.DatasetIterator):
             buf = self._pending[0]
             k = min(p.rows - taken, len(buf.bins) - buf.emitted)
             bins = buf.bins[buf.emitted : buf.emitted + k]
-            parts.append(assemble_rows(buf.docs, bins, p.seq_len, p.pad_id))
+            parts.append(assemble_rows(buf.docs, bins, p.seq_len, p.pad_id, p.FIELDS))
             self._epoch = max([self._epoch] + [buf.docs[i]["epoch"] for b in bins for i in b])
             buf.emitted += k
             taken += k
@@ -278,8 +327,8 @@ class _BatchIterator(grain.DatasetIterator):
                 self._pending.popleft()
         if not taken and (self._total_batches is None or self._batches >= self._total_batches):
             raise StopIteration
-        parts.append(empty_rows(p.rows - taken, p.seq_len, p.pad_id))
-        batch = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
+        parts.append(empty_rows(p.rows - taken, p.seq_len, p.pad_id, p.FIELDS))
+        batch = p._finish({k: np.concatenate([part[k] for part in parts]) for k in parts[0]})
         self._batches += 1
         self._counters["tokens"] += int((batch["segment_ids"] > 0).sum())
         self._counters["loss_tokens"] += int(batch["loss_mask"].sum())

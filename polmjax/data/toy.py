@@ -113,26 +113,35 @@ def write_toy_sft_dataset(
 
 
 def write_toy_preference_dataset(
-    path: str | os.PathLike, n: int = 500, seed: int = 0, conversational: bool = True
+    path: str | os.PathLike, n: int = 500, seed: int = 0, conversational: bool = True, format: str = "preference"
 ) -> str:
-    """Writes `n` preference pairs (`prompt`, `chosen` = right answer, `rejected` = a wrong one).
+    """Writes `n` toy tasks as JSONL for preference learning; returns the path.
 
-    Conversational by default (prompt is a user message list, chosen/rejected assistant message
-    lists, TRL's standard form); `conversational=False` writes plain strings. Returns the path.
+    format="preference": `prompt`, `chosen` = the right answer, `rejected` = a wrong one (DPO, reward
+    models). format="unpaired": `prompt`, `completion`, `label` (KTO): the right answer labelled true
+    or a wrong one labelled false, about half each. Conversational by default (prompt a user message
+    list, responses assistant message lists, TRL's standard form); `conversational=False` writes
+    plain strings. The signature fits `Algorithm.toy_data` writers: write(path, n=, seed=, format=).
     """
+    if format not in ("preference", "unpaired"):
+        raise ValueError(f"format must be 'preference' or 'unpaired', got {format!r}")
     rng = random.Random(seed)
     with open(path, "w") as f:
         for _ in range(n):
             prompt, answer = _task(rng)
             wrong = _wrong_answer(answer, rng)
-            if conversational:
-                row = {
-                    "prompt": [{"role": "user", "content": prompt}],
-                    "chosen": [{"role": "assistant", "content": answer}],
-                    "rejected": [{"role": "assistant", "content": wrong}],
-                }
+            if format == "unpaired":
+                label = rng.random() < 0.5
+                responses = {"completion": answer if label else wrong}
             else:
-                row = {"prompt": prompt + "\n", "chosen": answer, "rejected": wrong}
+                responses = {"chosen": answer, "rejected": wrong}
+            if conversational:
+                row = {"prompt": [{"role": "user", "content": prompt}]}
+                row |= {k: [{"role": "assistant", "content": v}] for k, v in responses.items()}
+            else:
+                row = {"prompt": prompt + "\n", **responses}
+            if format == "unpaired":
+                row["label"] = label
             f.write(json.dumps(row) + "\n")
     return str(path)
 
