@@ -44,7 +44,7 @@ PEERS = os.path.join(HERE, "_peers")
 sys.path.insert(0, HERE)
 sys.path.insert(0, PEERS)
 
-from peer_common import busy_seconds  # noqa: E402  (stdlib only; the peers share it)
+from sft_throughput import _cpu_model, _wait_quiet  # noqa: E402  (one copy of the machine helpers)
 from peer_venv import default_peer_python, peer_python  # noqa: E402
 
 # 4.0M parameters; rope theta 1e6 because tunix's Llama 3 always uses that
@@ -206,28 +206,6 @@ def _same(tokens, base):
     if not len(diff):
         return "yes"
     return f"no: {len({int(b) for b, _ in diff})}/{len(base)} rows differ, first at token {int(diff[:, 1].min())}"
-
-
-def _wait_quiet(max_wait, quiet, window=1.0):
-    """Wait (at most max_wait s) until the machine is less than `quiet` busy; return the last busy share."""
-    deadline = time.perf_counter() + max_wait
-    while True:
-        b0, t0 = busy_seconds(), time.perf_counter()
-        time.sleep(window)
-        busy = (busy_seconds() - b0) / ((time.perf_counter() - t0) * os.cpu_count())
-        if busy < quiet or time.perf_counter() >= deadline:
-            return busy
-
-
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":
