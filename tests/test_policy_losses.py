@@ -83,7 +83,7 @@ def test_clipped_policy_gradients():
 
 def _trl_grpo_loss(torch, logps, old, adv, mask, loss_type, level="token", max_len=None, eps_high=0.28):
     """TRL 1.16 GRPOTrainer._compute_loss, re-derived: grpo_trainer.py:3083-3095 (ratio), 3109-3119
-    (clipped loss, cispo), 3155-3170 (aggregation by loss_type)."""
+    (clipped loss, cispo), 3153-3174 (aggregation by loss_type)."""
     per_token_logps = torch.tensor(np.asarray(logps), requires_grad=True)
     old = torch.tensor(np.asarray(old))
     advantages = torch.tensor(np.asarray(adv)).unsqueeze(1)

@@ -183,6 +183,20 @@ def test_pool_hanging_verifier_times_out(pool):
     np.testing.assert_array_equal(after.total, [4.0, 5.0, 6.0])
 
 
+def test_pool_batch_timeout_bounds_a_run_of_hanging_calls(pool):
+    pool.batch_timeout_s = 1.5  # 6 hanging calls on 2 workers would otherwise take 3 x TIMEOUT_S
+    try:
+        start = time.monotonic()
+        s = score([RewardFn(sleeps_forever, name="hang")], ["p"] * 6, ["1"] * 6, pool=pool)
+        elapsed = time.monotonic() - start
+    finally:
+        pool.batch_timeout_s = None
+    assert elapsed < 1.5 + 2.0, elapsed
+    assert s.metrics["rewards/hang/timeouts"] == 6.0
+    np.testing.assert_array_equal(s.total, np.zeros(6))
+    np.testing.assert_array_equal(score([RewardFn(echo)], ["p"], ["9"], pool=pool).total, [9.0])
+
+
 def test_pool_raising_and_dying_verifiers(pool):
     restarts = pool.restarts
     s = score([RewardFn(raises), RewardFn(exits), RewardFn(echo)], ["p"] * 2, ["1", "2"], pool=pool)

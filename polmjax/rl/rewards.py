@@ -18,8 +18,9 @@ sum and the means). Built in:
 weight, name) and returns the per-function arrays, the weighted sum and metrics per function (mean, std,
 timeouts, errors). Functions with `isolate=True` run in a `VerifierPool`, one call per completion, each
 with a timeout: a call that hangs is killed with its worker (the worker is replaced), a call that raises
-or kills its worker scores 0, and both are counted. Cheap deterministic ones (`format_reward`,
-`overlong_reward`) run in-process with `isolate=False`.
+or kills its worker scores 0, and both are counted (`VerifierPool(batch_timeout_s=...)` also bounds
+the whole batch). Cheap deterministic ones (`format_reward`, `overlong_reward`) and reward-model scores
+(a function that runs the model on the device) run in-process with `isolate=False`.
 
 The workers are started with "spawn" (or "forkserver"), never "fork": the parent has started JAX's
 threads, and a forked copy of them can deadlock. This module and `polmjax.rl` do not import JAX, so
@@ -370,21 +371,24 @@ class VerifierPool:
 
     Calls run concurrently, one per worker. A call that has not answered `timeout_s` after it was sent
     (the pool's, or the call's own from `run`'s `timeout_s`: a number or one per call, None = the
-    pool's) is a "timeout": its worker is killed (SIGKILL) and replaced. A call that raises (any exception,
+    pool's) is a "timeout": its worker is killed (SIGKILL) and replaced. `batch_timeout_s` bounds a
+    whole `run` (if every call hangs they queue behind `num_workers` workers): then the running calls
+    are killed and those not started are timeouts too. A call that raises (any exception,
     SystemExit included) is an "error"; one whose worker dies (os._exit, a segfault, the OOM killer) is
     an "error" and the worker is replaced. The next call finds a full pool either way. `preload`
     names modules each worker imports before it takes calls (e.g. "math_verify"), so the first call's
     import time does not count against its timeout. Not thread-safe: one `run` at a time.
     """
 
-    def __init__(self, num_workers: int = 2, *, timeout_s: float = 10.0, start_method: str = "spawn",
-                 preload: Sequence[str] = (), boot_timeout_s: float = 120.0):
+    def __init__(self, num_workers: int = 2, *, timeout_s: float = 10.0, batch_timeout_s: float | None = None,
+                 start_method: str = "spawn", preload: Sequence[str] = (), boot_timeout_s: float = 120.0):
         if start_method not in ("spawn", "forkserver"):
             raise ValueError(f"VerifierPool: start_method={start_method!r}; use 'spawn' or 'forkserver' "
                              f"('fork' copies the parent's JAX threads and can deadlock)")
         if num_workers < 1 or not timeout_s > 0:
             raise ValueError(f"VerifierPool: need num_workers >= 1 and timeout_s > 0, got {num_workers}, {timeout_s}")
         self.timeout_s = float(timeout_s)
+        self.batch_timeout_s = None if batch_timeout_s is None else float(batch_timeout_s)
         self.boot_timeout_s = float(boot_timeout_s)
         self._ctx = multiprocessing.get_context(start_method)
         self._preload = tuple(preload)
@@ -410,7 +414,12 @@ class VerifierPool:
         results: list[Outcome | None] = [None] * len(payloads)
         pending = collections.deque(range(len(payloads)))
         busy: dict[int, tuple[int, float]] = {}  # worker index -> (call index, deadline)
+        end = math.inf if self.batch_timeout_s is None else time.monotonic() + self.batch_timeout_s
         while pending or busy:
+            if pending and time.monotonic() >= end:
+                for i in pending:
+                    results[i] = Outcome("timeout", None, f"not started within the batch's {self.batch_timeout_s:g} s")
+                pending.clear()
             for wi, worker in enumerate(self._workers):
                 if pending and worker.ready and wi not in busy:
                     i = pending.popleft()
@@ -420,12 +429,13 @@ class VerifierPool:
                         pending.appendleft(i)
                         self._replace(wi, kill=True)
                         continue
-                    busy[wi] = (i, time.monotonic() + timeouts[i])
-            self._wait(busy, results)
+                    busy[wi] = (i, min(time.monotonic() + timeouts[i], end))
+            self._wait(busy, results, end)
             now = time.monotonic()
             for wi, (i, deadline) in list(busy.items()):
                 if now >= deadline:
-                    results[i] = Outcome("timeout", None, f"no answer within {timeouts[i]:g} s: worker killed")
+                    results[i] = Outcome("timeout", None, f"no answer within {timeouts[i]:g} s (or the batch's "
+                                                          f"{self.batch_timeout_s} s): worker killed")
                     del busy[wi]
                     self._replace(wi, kill=True)
         return results
@@ -450,13 +460,13 @@ class VerifierPool:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _wait(self, busy: dict[int, tuple[int, float]], results: list) -> None:
+    def _wait(self, busy: dict[int, tuple[int, float]], results: list, end: float) -> None:
         """Wait for answers (or ready signals of booting workers) until the nearest deadline."""
         watched = {id(w.conn): wi for wi, w in enumerate(self._workers) if wi in busy or not w.ready}
         if not watched:
             return
         now = time.monotonic()
-        deadlines = [d for _, d in busy.values()]
+        deadlines = [end] + [d for _, d in busy.values()]
         deadlines += [w.started + self.boot_timeout_s for w in self._workers if not w.ready]
         conns = [w.conn for w in self._workers if id(w.conn) in watched]
         for conn in multiprocessing.connection.wait(conns, timeout=max(0.0, min(deadlines) - now)):
