@@ -1,6 +1,7 @@
 """polmjax command line.
 
   polmjax sft EXPERIMENT.py [--set key=value ...]   supervised fine-tuning (resumes from run_dir if present)
+  polmjax dpo EXPERIMENT.py [--set key=value ...]   DPO and its family (loss= in the experiment), same contract
   polmjax export RUN_DIR [--step N] [--out DIR]    a checkpoint as an HF model directory (+ PEFT adapter)
   polmjax demo [--out DIR]              build a tiny Llama-style model, save it as an HF directory, reload it
                                         sharded over every local device, compare its logits with
@@ -23,7 +24,9 @@ import time
 from polmjax.errors import USER_ERROR, UserError
 
 # command -> (module, experiment class, run function)
-ALGORITHMS = {"sft": ("polmjax.train.sft", "SFTExperiment", "run")}
+ALGORITHMS = {"sft": ("polmjax.train.sft", "SFTExperiment", "run"),
+              "dpo": ("polmjax.train.dpo", "DPOExperiment", "run"),
+              "rm": ("polmjax.train.rm", "RMExperiment", "run")}
 PREEMPTED = 3
 
 

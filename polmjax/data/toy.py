@@ -162,6 +162,9 @@ def _wrong_answer(answer: str, rng: random.Random) -> str:
     if answer.isdigit():
         return str(int(answer) + rng.choice((-1, 1, 10)) if int(answer) > 10 else int(answer) + 1)
     items = answer.split(" ")
+    if len(set(items)) == 1:  # "sort: 7 7 7": no permutation differs; change one digit instead
+        i = rng.randrange(len(items))
+        return " ".join(items[:i] + [str((int(items[i]) + 1) % 10)] + items[i + 1:])
     wrong = items[:]
     while wrong == items:
         rng.shuffle(wrong)

@@ -55,6 +55,9 @@ class Algorithm:
     eval_sums(exp, model_cfg, mesh): fn(params, frozen, batch) -> dict of sums over one batch;
     eval_metrics(summed dict) -> the logged held-out metrics.
     toy_data: {"toy:<kind>": (format, writer(path, n=, seed=, format=))} for offline datasets.
+    frozen(exp, trainable, base): the `frozen` argument of the step and eval, built once from the
+      initial trainable parameters and the frozen LoRA base (default: the base itself). DPO puts its
+      reference model here.
     """
 
     name: str
@@ -64,6 +67,7 @@ class Algorithm:
     eval_sums: Callable
     eval_metrics: Callable
     toy_data: dict = dataclasses.field(default_factory=dict)
+    frozen: Callable | None = None
 
 
 def run(exp: Any, algorithm: Algorithm, *, allow_config_change: bool = False) -> LoopResult:
@@ -80,11 +84,12 @@ def run(exp: Any, algorithm: Algorithm, *, allow_config_change: bool = False) ->
     tokenizer = load_tokenizer(exp.model, tc.run_dir)
     data_cfg = resolve_toy_data(exp.data, tc.run_dir, tc.seed, algorithm.toy_data)
     cfg, state, frozen, optimizer, schedule = initial_state(exp, tokenizer, mesh)
+    step_frozen = algorithm.frozen(exp, state.params, frozen) if algorithm.frozen else frozen
 
     pipe = algorithm.pipeline(exp, data_cfg, tokenizer, "train")
     batch_sharding = mesh_lib.named_sharding(mesh, ("act_batch", "act_len"), (tc.global_batch, tc.seq_len))
     batch_shardings = {k: batch_sharding for k in algorithm.batch_keys}
-    frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
+    frozen_shardings = jax.tree.map(lambda x: x.sharding, step_frozen)
     step_fn = algorithm.jit_step(exp, cfg, optimizer, schedule, mesh, state_shardings(state), frozen_shardings,
                                  batch_shardings)
 
@@ -97,7 +102,7 @@ def run(exp: Any, algorithm: Algorithm, *, allow_config_change: bool = False) ->
         eval_sums = jax.jit(algorithm.eval_sums(exp, cfg, mesh))
 
         def eval_fn(state):
-            return algorithm.eval_metrics(evaluate(state.params, frozen, eval_pipe, put_batch, tc.eval_batches,
+            return algorithm.eval_metrics(evaluate(state.params, step_frozen, eval_pipe, put_batch, tc.eval_batches,
                                                    eval_sums))
 
     logger = MetricsLogger(tc.run_dir, total_steps=tc.steps, use_tensorboard=tc.tensorboard,
@@ -106,7 +111,7 @@ def run(exp: Any, algorithm: Algorithm, *, allow_config_change: bool = False) ->
                                 save_every=tc.save_every, keep=tc.keep, async_save=tc.async_save)
     try:
         result = train_loop(
-            state=state, step_fn=lambda s, b: step_fn(s, frozen, b), batches=iter(pipe), put_batch=put_batch,
+            state=state, step_fn=lambda s, b: step_fn(s, step_frozen, b), batches=iter(pipe), put_batch=put_batch,
             total_steps=tc.steps, checkpointer=checkpointer, logger=logger, log_every=tc.log_every,
             eval_every=tc.eval_every, eval_fn=eval_fn, tokens_per_step=tc.global_batch * tc.seq_len,
             flops_per_step=train_flops_per_token(cfg, tc.seq_len) * tc.global_batch * tc.seq_len,
@@ -195,14 +200,15 @@ def resolve_toy_data(data: DataConfig, run_dir: str, seed: int, toy_data: dict) 
 def load_model(src: ModelSource, lora: LoraConfig | None, tokenizer, mesh, seed: int) -> Decoder:
     if src.path:
         return from_pretrained(src.path, dtype=jnp.dtype(src.dtype), mesh=mesh, compute_dtype=jnp.dtype(src.compute_dtype),
-                               lora=lora, lora_seed=seed, **src.execution)
+                               lora=lora, lora_seed=seed, num_labels=src.num_labels, head_seed=seed, **src.execution)
     init = src.init
     if init.vocab_size == 0:
         init = init.replace(vocab_size=len(tokenizer))
     if init.vocab_size < len(tokenizer):
         raise config_lib.ConfigError(f"model.init.vocab_size={init.vocab_size} is smaller than the tokenizer "
                                      f"({len(tokenizer)})", hint="0 takes the tokenizer's size")
-    cfg = init.replace(param_dtype=src.dtype, compute_dtype=src.compute_dtype, **src.execution)
+    cfg = init.replace(param_dtype=src.dtype, compute_dtype=src.compute_dtype,
+                       num_labels=src.num_labels or init.num_labels, **src.execution)
     model = create(cfg, seed=seed, mesh=mesh)
     return lora_lib.add_adapters(model, lora, seed=seed) if lora else model
 
@@ -224,11 +230,19 @@ def export(model: Decoder, tokenizer, run_dir: str, base_path: str, subdirs: boo
         lora_lib.save_peft_adapter(model, os.path.join(out, "adapter"), base_model_name_or_path=base_path)
     save_pretrained(model, hf_dir)  # merges adapters
     write_generation_config(hf_dir, bos_token_id=tokenizer.bos_token_id, eos_token_ids=stop_token_ids(tokenizer),
-                            pad_token_id=tokenizer.pad_token_id,
+                            pad_token_id=_pad_token_id(model.config, tokenizer),
                             base_dir=resolve_model_path(base_path) if base_path else None)
     if jax.process_index() == 0:
         tokenizer.save_pretrained(hf_dir)
     log.info("exported %s", hf_dir)
+
+
+def _pad_token_id(cfg: ModelConfig, tokenizer) -> int | None:
+    """config.json's pad_token_id: a sequence classifier pools the last token that is not it, and needs
+    one to score batches; without a pad token, EOS (as TRL's RewardTrainer and our pipelines pad)."""
+    if cfg.num_labels and tokenizer.pad_token_id is None:
+        return tokenizer.eos_token_id
+    return tokenizer.pad_token_id
 
 
 def show_samples(model: Decoder, tokenizer, prompts, max_new_tokens, run_dir, is_writer) -> list[str]:
