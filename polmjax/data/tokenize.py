@@ -30,7 +30,14 @@ String prompt and completion are encoded separately and concatenated, so the pro
 exactly those a generator would see, and the boundary is exact.
 
 `tokenize_preference` / `tokenize_unpaired` return the prompt and response ids separately for the
-DPO/KTO family (the responses get EOS by the same rules).
+DPO/KTO family. String rows follow the rules above (BOS before the prompt, EOS after each response).
+Conversational rows are exactly the template's tokens, as TRL's DPOTrainer and KTOTrainer build them:
+the prompt rendered with the generation prompt, each response the rest of prompt + response rendered
+(its end-of-turn and the template's trailing newline included); no BOS the template does not write and
+no EOS after its end of turn (a DPO pair's log-probs would otherwise include a token that inference
+with the template never reaches). The one deliberate difference from TRL: the prompt and the response
+are encoded separately, so a token merging across the boundary is split there; TRL then moves the
+boundary back to where the tokenisations diverge and warns.
 """
 
 from __future__ import annotations
@@ -154,20 +161,19 @@ def _tokenize_messages(messages: Sequence[Mapping[str, Any]], tokenizer) -> tupl
 
 
 def _prompt_and_responses(tokenizer, prompt, responses) -> tuple[list[int], list[list[int]]]:
-    """Prompt ids (with BOS) and each response's ids (with EOS), encoded separately."""
+    """Prompt ids and each response's ids, encoded separately (strings: with BOS and EOS)."""
     if not is_conversational(prompt):
         prompt_ids, _ = _prepend_bos(tokenizer, _encode(tokenizer, prompt), None)
         return prompt_ids, [_append_eos(tokenizer, _encode(tokenizer, r), None)[0] for r in responses]
+    # Conversations: exactly the template's tokens, as TRL's DPO/KTO trainers and apply_chat_template
+    # give them (no BOS the template does not write, no EOS after its end of turn)
     prompt_text = _render(tokenizer, prompt, add_generation_prompt=True)
-    prompt_ids, _ = _prepend_bos(tokenizer, _encode(tokenizer, prompt_text), None)
     out = []
     for response in responses:
         full_text = _render(tokenizer, list(prompt) + list(response))
         _check_prefix(prompt_text, full_text, "the prompt", "prompt + response")
-        ids = _encode(tokenizer, full_text[len(prompt_text):])
-        ids, _ = _append_eos_to_turn(tokenizer, ids, [True] * len(ids))
-        out.append(ids)
-    return prompt_ids, out
+        out.append(_encode(tokenizer, full_text[len(prompt_text):]))
+    return _encode(tokenizer, prompt_text), out
 
 
 def _fit_pair(tokenizer, prompt, responses, max_len):
