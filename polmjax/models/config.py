@@ -24,6 +24,15 @@ ARCHITECTURES = {
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
 }
+# HF's classifier / reward model: the decoder plus `score` on the last non-pad token (num_labels >= 1)
+SEQ_CLS_ARCHITECTURES = {
+    "llama": "LlamaForSequenceClassification",
+    "mistral": "MistralForSequenceClassification",
+    "qwen2": "Qwen2ForSequenceClassification",
+    "qwen3": "Qwen3ForSequenceClassification",
+    "gemma2": "Gemma2ForSequenceClassification",
+    "gemma3_text": "Gemma3TextForSequenceClassification",
+}
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -115,6 +124,9 @@ class ModelConfig:
     final_softcap: float | None = None
     tie_embeddings: bool = False
     max_position_embeddings: int = 8192
+    # 0: a causal LM (lm_head / tied unembedding). >= 1: a sequence classifier / reward model as HF's
+    # `*ForSequenceClassification`: a `score` head [D, num_labels] (no bias) and no lm_head.
+    num_labels: int = 0
     # execution (do not change the function the model computes, up to float rounding)
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
@@ -149,6 +161,8 @@ class ModelConfig:
             raise ConfigError(f"remat={self.remat!r}; expected one of {REMAT_POLICIES}")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.num_labels < 0:
+            raise ConfigError(f"num_labels={self.num_labels}; expected 0 (causal LM) or >= 1 (sequence classifier)")
 
     @property
     def attn_scale(self) -> float:
@@ -169,7 +183,8 @@ class ModelConfig:
         D, F, H, G, K, V, L = (self.hidden_size, self.intermediate_size, self.num_heads,
                                self.num_kv_heads, self.head_dim, self.vocab_size, self.num_layers)
         attn = D * K * (H + 2 * G) + H * K * D
-        return V * D * (1 if self.tie_embeddings else 2) + L * (attn + 3 * D * F)
+        head = self.num_labels * D if self.num_labels else (0 if self.tie_embeddings else V * D)
+        return V * D + head + L * (attn + 3 * D * F)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,6 +253,7 @@ def from_hf_config(hf: Any, **execution) -> ModelConfig:
     if act_name not in ACTIVATIONS:
         raise ConfigError(f"hidden activation {act_name!r} is not supported; supported: {sorted(ACTIVATIONS)}")
     layer_types, window = _layer_types(d, family, L)
+    seq_cls = any(str(a).endswith("ForSequenceClassification") for a in d.get("architectures") or ())
     rope, rope_local = _rope_configs(hf, d)
     gemma = family.startswith("gemma")
     bias = bool(d.get("attention_bias", False))
@@ -268,6 +284,7 @@ def from_hf_config(hf: Any, **execution) -> ModelConfig:
         final_softcap=d.get("final_logit_softcapping") if gemma else None,
         tie_embeddings=bool(d.get("tie_word_embeddings", False)),
         max_position_embeddings=d.get("max_position_embeddings") or 8192,
+        num_labels=hf.num_labels if seq_cls else 0,
         **execution,
     )
 
@@ -278,9 +295,15 @@ def to_hf_config(cfg: ModelConfig, base: dict | None = None) -> dict:
     gemma = cfg.family.startswith("gemma")
     layer_types = ["sliding_attention" if t == "sliding" else "full_attention" for t in cfg.layer_types]
     act = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}[cfg.activation]
+    architecture = ARCHITECTURES[cfg.family]
+    if cfg.num_labels:  # id2label sets HF's num_labels; a causal-LM base's 2 default labels are replaced
+        architecture = SEQ_CLS_ARCHITECTURES[cfg.family]
+        out["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
+        out["label2id"] = {f"LABEL_{i}": i for i in range(cfg.num_labels)}
+        out.pop("num_labels", None)
     out.update(
         model_type=cfg.family,
-        architectures=[ARCHITECTURES[cfg.family]],
+        architectures=[architecture],
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,

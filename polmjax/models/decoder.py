@@ -56,7 +56,9 @@ def param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
         "layers/up": ParamSpec((L, D, F), ("layers", "embed", "mlp"), "normal"),
         "layers/down": ParamSpec((L, F, D), ("layers", "mlp", "embed"), "normal"),
     }
-    if not cfg.tie_embeddings:
+    if cfg.num_labels:  # sequence classifier / reward model: HF's `score` (no bias), no lm_head
+        specs["score"] = ParamSpec((D, cfg.num_labels), ("embed", None), "normal")
+    elif not cfg.tie_embeddings:
         specs["lm_head"] = ParamSpec((D, V), ("embed", "vocab"), "normal")
     if cfg.qkv_bias:
         specs["layers/q_bias"] = ParamSpec((L, H, K), ("layers", "heads", "head_dim"), "zeros")
@@ -264,11 +266,26 @@ def forward_hidden(
 
 def unembed_matrix(cfg: ModelConfig, params: dict) -> jax.Array:
     """[D, V]: the output projection (the embedding's transpose when tied)."""
+    if cfg.num_labels:
+        raise ValueError(f"a sequence classifier (num_labels={cfg.num_labels}) has no unembedding; use score_from_hidden")
     return params["embed"].T if cfg.tie_embeddings else params["lm_head"]
 
 
+def score_from_hidden(cfg: ModelConfig, params: dict, x_BTD: jax.Array) -> jax.Array:
+    """Float32 per-token scores [B, T, num_labels] of a sequence classifier (HF's `score(hidden_states)`).
+
+    HF's `*ForSequenceClassification` reads them at each sequence's last non-pad token; the reward
+    model step picks those positions with `polmjax.train.rm.last_token_mask`.
+    """
+    w_DC = params["score"].astype(x_BTD.dtype)
+    return jnp.einsum("btd,dc->btc", x_BTD, w_DC, preferred_element_type=jnp.float32)
+
+
 def logits_from_hidden(cfg: ModelConfig, params: dict, x_BTD: jax.Array, mesh=None, rules=None) -> jax.Array:
-    """Float32 logits [B, T, V], with Gemma's final soft-cap."""
+    """Float32 logits [B, T, V], with Gemma's final soft-cap; a sequence classifier's per-token scores
+    [B, T, num_labels] (`score_from_hidden`)."""
+    if cfg.num_labels:
+        return score_from_hidden(cfg, params, x_BTD)
     w_DV = unembed_matrix(cfg, params).astype(x_BTD.dtype)
     logits = jnp.einsum("btd,dv->btv", x_BTD, w_DV, preferred_element_type=jnp.float32)
     logits = mesh_lib.constrain(logits, ("act_batch", "act_len", "act_vocab"), mesh, rules)
@@ -474,8 +491,10 @@ class Decoder(nnx.Module):
             raise ValueError(f"Decoder: parameters missing {sorted(expected - got)}, unexpected {sorted(got - expected)}")
         self.embed = nnx.Param(params["embed"])
         self.final_norm = nnx.Param(params["final_norm"])
-        if not config.tie_embeddings:
+        if "lm_head" in params:
             self.lm_head = nnx.Param(params["lm_head"])
+        if "score" in params:
+            self.score = nnx.Param(params["score"])
         self.layers = nnx.Dict({k: nnx.Param(v) for k, v in params["layers"].items()})
 
     @property
@@ -486,8 +505,9 @@ class Decoder(nnx.Module):
         """The parameters as a plain nested dict of arrays (the layout of `init_params`)."""
         out = {"embed": self.embed[...], "final_norm": self.final_norm[...],
                "layers": {k: v[...] for k, v in self.layers.items()}}
-        if not self.config.tie_embeddings:
-            out["lm_head"] = self.lm_head[...]
+        for head in ("lm_head", "score"):
+            if hasattr(self, head):
+                out[head] = getattr(self, head)[...]
         return out
 
     def __call__(self, input_ids_BT, positions=None, segment_ids=None, cache: KVCache | None = None):

@@ -21,7 +21,7 @@ import numpy as np
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from polmjax import mesh as mesh_lib
-from polmjax.models.config import ModelConfig, from_hf_config, to_hf_config
+from polmjax.models.config import ConfigError, ModelConfig, from_hf_config, to_hf_config
 from polmjax.models.decoder import Decoder, flatten, param_specs, unflatten
 from polmjax.models.safetensors_io import CheckpointError, SafetensorsFile, write_file
 
@@ -55,6 +55,7 @@ def tensor_map(cfg: ModelConfig) -> dict[str, _Tensor]:
         "embed": _Tensor("model.embed_tokens.weight", same, same, layered=False),
         "final_norm": _Tensor("model.norm.weight", same, same, layered=False),
         "lm_head": _Tensor("lm_head.weight", t, t, layered=False),
+        "score": _Tensor("score.weight", t, t, layered=False),  # HF [num_labels, D], ours [D, num_labels]
         "layers/attn_norm": _Tensor(lay + "input_layernorm.weight", same, same),
         "layers/q": _named(heads_in(H), lay + "self_attn.q_proj.weight"),
         "layers/k": _named(heads_in(G), lay + "self_attn.k_proj.weight"),
@@ -122,6 +123,8 @@ def from_pretrained(
     rules=None,
     lora=None,
     lora_seed: int = 0,
+    num_labels: int | None = None,
+    head_seed: int = 0,
     **execution,
 ) -> Decoder:
     """Load an HF model directory into a (sharded) `Decoder`.
@@ -131,6 +134,9 @@ def from_pretrained(
       dtype: parameter dtype. compute_dtype: activation dtype (default: dtype).
       mesh: place parameters with the logical-axis rules on this mesh (default: one device).
       lora: a LoraConfig: add fresh adapters (B = 0, so the model is unchanged until trained).
+      num_labels: None: the model as saved (a causal LM, or a `*ForSequenceClassification` with its
+        head). >= 1 from a causal LM: a sequence classifier / reward model with a NEW `score` head drawn
+        as HF does, normal(0, initializer_range) (seed `head_seed`), the LM head dropped. 0: a causal LM.
       execution: other ModelConfig execution fields (remat, scan_layers, attention_impl, ...).
     """
     path = resolve_model_path(path)
@@ -139,14 +145,24 @@ def from_pretrained(
     )
     with open(os.path.join(path, "config.json")) as f:
         raw_config = json.load(f)
+    new_head = num_labels is not None and num_labels != cfg.num_labels
+    if new_head and cfg.num_labels:
+        raise ConfigError(f"{path} is a sequence classifier with num_labels={cfg.num_labels}; it cannot be loaded "
+                          f"with num_labels={num_labels} (start from its causal LM, or use num_labels=None)")
+    if new_head:
+        cfg = cfg.replace(num_labels=num_labels)
     files = _open_checkpoint(path)
     tmap = tensor_map(cfg)
-    _check_tensor_names(cfg, tmap, files, path)
+    _check_tensor_names(cfg, tmap, files, path, new_head=new_head)
     specs = param_specs(cfg)
     flat = {}
     for name, spec in specs.items():
         sharding = (SingleDeviceSharding(jax.devices()[0]) if mesh is None
                     else mesh_lib.named_sharding(mesh, spec.axes, spec.shape, rules))
+        if new_head and name == "score":
+            flat[name] = _new_head(spec.shape, float(raw_config.get("initializer_range", 0.02)), dtype, sharding,
+                                   head_seed)
+            continue
         flat[name] = _load_param(cfg, name, spec.shape, tmap[name], files, sharding, jnp.dtype(dtype))
     model = Decoder(cfg, unflatten(flat), mesh=mesh, rules=rules, hf_config=raw_config)
     if lora is not None:
@@ -312,22 +328,33 @@ def _open_checkpoint(path: str) -> _Checkpoint:
     raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
 
 
-def _check_tensor_names(cfg: ModelConfig, tmap: dict[str, _Tensor], ckpt: _Checkpoint, path: str) -> None:
+def _check_tensor_names(cfg: ModelConfig, tmap: dict[str, _Tensor], ckpt: _Checkpoint, path: str, *,
+                        new_head: bool = False) -> None:
+    """new_head: a causal LM loaded as a sequence classifier (its lm_head is dropped, `score` is new)."""
     expected = set()
-    for m in tmap.values():
+    for name, m in tmap.items():
+        if new_head and name == "score":
+            continue
         expected |= {m.hf_name.format(i=i) for i in range(cfg.num_layers)} if m.layered else {m.hf_name}
     present = set(ckpt.files)
     missing = sorted(expected - present)
     if missing:
         raise CheckpointError(f"{path}: checkpoint is missing tensor {missing[0]!r}"
                               + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-    tied_head = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    tied_head = {"lm_head.weight"} if cfg.tie_embeddings or new_head else set()
     unused = sorted(n for n in present - expected - tied_head if not _IGNORABLE.match(n))
     if unused:
         raise CheckpointError(
             f"{path}: checkpoint tensor {unused[0]!r} ({ckpt.where(unused[0])}) has no place in a {cfg.family} "
             f"model with this config" + (f" ({len(unused) - 1} more)" if len(unused) > 1 else "")
         )
+
+
+def _new_head(shape, std: float, dtype, sharding, seed: int) -> jax.Array:
+    """A fresh `score` head drawn as transformers initialises nn.Linear: normal(0, initializer_range)."""
+    init = jax.jit(lambda key: (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype),
+                   out_shardings=sharding)
+    return init(jax.random.key(seed))
 
 
 def _load_param(cfg, name, shape, m: _Tensor, ckpt: _Checkpoint, sharding, dtype) -> jax.Array:

@@ -20,6 +20,9 @@ class ModelSource:
     scan_layers: bool = False
     attention_impl: str = "auto"
     logprob_impl: str = "auto"
+    # 0: a causal LM. >= 1: a sequence classifier / reward model (HF `*ForSequenceClassification`): a
+    # checkpoint with that head loads it, a causal LM gets a new head (polmjax.models.from_pretrained)
+    num_labels: int = 0
 
     def validate(self):
         if bool(self.path) == (self.init is not None):
