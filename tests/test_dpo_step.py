@@ -121,3 +121,31 @@ def test_missing_reference_is_named():
     with pytest.raises(ValueError, match="loss 'sigmoid' needs a reference model"):
         dpo_step(init_state(params, optimizer, 0), {"reference": None}, _pack(PAIRS), model_cfg=CFG,
                  optimizer=optimizer, pairs_per_row=P)
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 8, 1)], ids=lambda s: "x".join(map(str, s)))
+def test_sharded_accumulated_step_equals_single_device(shape):
+    """8 rows over 8 fake devices with grad_accum 4 (micro-batches of 2 rows) == one device, one batch."""
+    from polmjax import mesh as mesh_lib
+    from polmjax.train.dpo import BATCH_KEYS
+    from polmjax.train.state import init_state_sharded, state_shardings
+
+    params, optimizer = _setup()
+    ref, _ = _setup(seed=1)
+    batch = _pack(PAIRS + PAIRS[::-1])
+    kw = dict(model_cfg=CFG, optimizer=optimizer, loss="sigmoid", beta=0.2, pairs_per_row=P)
+    want_state, want = dpo_step(init_state(params, optimizer, 0), {"reference": ref}, batch, **kw)
+
+    mesh = mesh_lib.make_mesh(*shape)
+    shardings = models.param_shardings(CFG, mesh)
+    state = init_state_sharded(jax.device_put(params, shardings), optimizer, 0, mesh)
+    frozen = {"base": {}, "reference": jax.device_put(ref, shardings)}
+    batch_sharding = mesh_lib.named_sharding(mesh, ("act_batch", "act_len"), (8, T))
+    step = jax.jit(lambda s, f, b: dpo_step(s, f, b, grad_accum=4, mesh=mesh, **kw),
+                   in_shardings=(state_shardings(state), jax.tree.map(lambda x: x.sharding, frozen),
+                                 {k: batch_sharding for k in BATCH_KEYS}), donate_argnums=(0,))
+    got_state, got = step(state, frozen, {k: jax.device_put(batch[k], batch_sharding) for k in BATCH_KEYS})
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=2e-5, atol=1e-6, err_msg=k)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got_state.params,
+                 want_state.params)
