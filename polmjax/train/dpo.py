@@ -84,8 +84,9 @@ class PairTerms:
     that training and held-out evaluation share.
 
     terms(params, mb, dropout_rng) -> (loss_BP, valid_BP, metrics_BP, policy_logps_BT), every [B, P]
-    array per pair slot (P = pairs_per_row); metrics are `logps/*` and, for losses with a reference,
-    `rewards/*` (implicit rewards beta * (policy - reference) log-ratios, TRL's definitions).
+    array per pair slot (P = pairs_per_row); metrics are TRL's `logps/*` and `rewards/*` (implicit
+    rewards beta * (policy - reference) log-ratios; beta * mean log-prob for reference-free losses),
+    plus `logps/accuracies`: the policy's own ranking (chosen log-prob sum > rejected's).
     """
 
     def __init__(self, model_cfg: ModelConfig, loss: str, beta: float, loss_kwargs: dict | None, pairs_per_row: int,
@@ -118,7 +119,9 @@ class PairTerms:
             seqs.update(_sequence_logprobs(ref_BT, mb, self.pairs_per_row, "ref_"))
         valid_BP = seqs.pop("valid")
         per_pair_BP = self.fn(**{name: seqs[name] for name in self.arg_names if name in seqs}, **self.kwargs)
-        metrics = {"logps/chosen": seqs["chosen"], "logps/rejected": seqs["rejected"]}
+        metrics = {"logps/chosen": seqs["chosen"], "logps/rejected": seqs["rejected"],
+                   # not TRL's: does the policy itself give the chosen response the higher likelihood?
+                   "logps/accuracies": (seqs["chosen"] > seqs["rejected"]).astype(jnp.float32)}
         if self.needs_reference:
             r_c, r_r = implicit_rewards(seqs["chosen"], seqs["rejected"], seqs["ref_chosen"], seqs["ref_rejected"],
                                         self.beta)
