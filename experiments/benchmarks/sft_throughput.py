@@ -116,6 +116,21 @@ def main(argv=None):
                    str(args.steps), "--warmup", str(args.warmup), "--lr", str(args.lr)]
     rows = [r for r in ROWS if not only or _key(r) in only]
     peer, no_peer = resolve_peer(args) if any(r[3] == "peer" for r in rows) else (None, None)
+    results, versions = run_rows(rows, argv_common, args, workdir, peer, no_peer)
+    load_after = os.getloadavg()
+    _print_report(results, versions, args, load_before, load_after)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def run_rows(rows, argv_common, args, workdir, peer, no_peer, width=38):
+    """Run every row (name, peer script, mode, "self" | "peer") args.rounds times, alternating the order.
+
+    Each run waits for a quiet machine first (args.quiet_wait, args.quiet), gets `argv_common` plus its own
+    --out, and prints one line; a row's timed steps are pooled over the rounds. Returns ([result per row, in
+    row order], {package: version}); a row without an interpreter or whose peer failed has "error" instead.
+    """
     results = {(_key(r), r[2]): None for r in rows}
     versions = {}
     for rnd in range(args.rounds):
@@ -131,7 +146,7 @@ def main(argv=None):
                 r.setdefault("framework", name)
                 r.setdefault("path", mode)
                 versions.update(r.get("versions", {}))
-                print(f"   round {rnd + 1}: {r['framework']:8s} {r['path']:38s} "
+                print(f"   round {rnd + 1}: {r['framework']:8s} {r['path']:{width}s} "
                       + (f"{statistics.median(r['step_times']):.4f} s/step" if r.get("step_times")
                          else f"SKIPPED: {r.get('error')}")
                       + f"  [{r.get('wall_s', 0):.0f}s; machine busy before {busy:.0%}, quiet steps "
@@ -142,11 +157,7 @@ def main(argv=None):
             elif r.get("step_times"):
                 prev["step_times"] += r["step_times"]
                 prev["step_others"] += r["step_others"]
-    load_after = os.getloadavg()
-    _print_report(list(results.values()), versions, args, load_before, load_after)
-
-
-# ----------------------------------------------------------------------------------------------
+    return list(results.values()), versions
 
 
 def resolve_peer(args) -> tuple[str | None, str | None]:
@@ -164,14 +175,7 @@ def _key(row):
 
 def _prepare(workdir, args):
     """The one model (saved as HF) and the one batch every framework trains on."""
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a libtpu in the venv must not be probed for this
-    import jax
-
-    from polmjax import models
-
-    cfg = models.ModelConfig(**MODEL)
-    hf_dir = os.path.join(workdir, "hf")
-    models.save_pretrained(models.create(cfg, seed=0), hf_dir)
+    hf_dir, cfg = build_model(workdir)
     rs = np.random.RandomState(0)
     tokens_BT = rs.randint(0, cfg.vocab_size, (args.batch, args.seq_len)).astype(np.int32)
     # loss_mask_BT[b, t] = 1: token t is a prediction target (predicted from tokens < t); token 0 never is
@@ -180,11 +184,25 @@ def _prepare(workdir, args):
     tokens_path, mask_path = os.path.join(workdir, "tokens.npy"), os.path.join(workdir, "loss_mask.npy")
     np.save(tokens_path, tokens_BT)
     np.save(mask_path, loss_mask_BT)
+    return hf_dir, tokens_path, mask_path
+
+
+def build_model(workdir, **overrides):
+    """`MODEL` (fields replaced by `overrides`) with seed-0 weights, saved as a Hugging Face directory
+    workdir/hf that every framework loads: (that directory, the polmjax ModelConfig)."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a libtpu in the venv must not be probed for this
+    import jax
+
+    from polmjax import models
+
+    cfg = models.ModelConfig(**{**MODEL, **overrides})
+    hf_dir = os.path.join(workdir, "hf")
+    models.save_pretrained(models.create(cfg, seed=0), hf_dir)
     n_params = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(models.param_specs(cfg),
                                                                    is_leaf=lambda x: hasattr(x, "shape")))
     print(f"   model: llama {cfg.num_layers}L D={cfg.hidden_size} F={cfg.intermediate_size} H={cfg.num_heads} "
           f"G={cfg.num_kv_heads} K={cfg.head_dim} V={cfg.vocab_size} untied, {n_params / 1e6:.2f}M params -> {hf_dir}")
-    return hf_dir, tokens_path, mask_path
+    return hf_dir, cfg
 
 
 def _run_peer(python, script, mode, argv, out, workdir, timeout):

@@ -33,29 +33,11 @@ def main():
     import jax
     import jax.numpy as jnp
     import optax
-    from flax import nnx
-    from tunix.models.llama3 import model as llama_lib
-    from tunix.models.llama3 import params as llama_params
     from tunix.sft import hooks, peft_trainer
     from tunix.sft import utils as sft_utils
 
     tokens_BT, loss_mask_BT = common.load_batch(args)
-    with open(os.path.join(args.hf_dir, "config.json")) as f:
-        hf = json.load(f)
-    rope = hf.get("rope_parameters") or {}
-    cfg = llama_lib.ModelConfig(
-        num_layers=hf["num_hidden_layers"], vocab_size=hf["vocab_size"], embed_dim=hf["hidden_size"],
-        hidden_dim=hf["intermediate_size"], num_heads=hf["num_attention_heads"],
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-        num_kv_heads=hf["num_key_value_heads"], rope_theta=int(rope.get("rope_theta", hf.get("rope_theta", 10000))),
-        norm_eps=hf["rms_norm_eps"], weight_tying=bool(hf.get("tie_word_embeddings", False)))
-    notes = []
-    try:
-        model = llama_params.create_model_from_safe_tensors(args.hf_dir, cfg, mesh=None, dtype=jnp.float32)
-        notes.append("weights loaded from the shared HF dir (tunix.models.llama3.params)")
-    except Exception as e:  # noqa: BLE001 - the step cost does not depend on the weight values
-        model = llama_lib.Llama3(cfg, rngs=nnx.Rngs(0))
-        notes.append(f"could not load the HF weights ({type(e).__name__}: {str(e)[:200]}); random init, same shapes")
+    model, notes = load_model(args.hf_dir)
 
     optimizer = optax.chain(optax.clip_by_global_norm(1.0),
                             optax.adamw(args.lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0))
@@ -131,6 +113,30 @@ def main():
         notes.append(f"{len(timer.clock.marks)} steps run; the last one only closes the last timed interval")
     common.write(args, framework="tunix", path=path, steps=steps, first_loss=first_loss, versions=vers,
                  notes=notes, **extra)
+
+
+def load_model(hf_dir):
+    """tunix's Llama 3 with the shared HF directory's weights: (model, [a note on where the weights came from])."""
+    import jax.numpy as jnp
+    from flax import nnx
+    from tunix.models.llama3 import model as llama_lib
+    from tunix.models.llama3 import params as llama_params
+
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        hf = json.load(f)
+    rope = hf.get("rope_parameters") or {}
+    cfg = llama_lib.ModelConfig(
+        num_layers=hf["num_hidden_layers"], vocab_size=hf["vocab_size"], embed_dim=hf["hidden_size"],
+        hidden_dim=hf["intermediate_size"], num_heads=hf["num_attention_heads"],
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+        num_kv_heads=hf["num_key_value_heads"], rope_theta=int(rope.get("rope_theta", hf.get("rope_theta", 10000))),
+        norm_eps=hf["rms_norm_eps"], weight_tying=bool(hf.get("tie_word_embeddings", False)))
+    try:
+        model = llama_params.create_model_from_safe_tensors(hf_dir, cfg, mesh=None, dtype=jnp.float32)
+        return model, ["weights loaded from the shared HF dir (tunix.models.llama3.params)"]
+    except Exception as e:  # noqa: BLE001 - the step cost does not depend on the weight values
+        model = llama_lib.Llama3(cfg, rngs=nnx.Rngs(0))
+        return model, [f"could not load the HF weights ({type(e).__name__}: {str(e)[:200]}); random init, same shapes"]
 
 
 def _compiled_train_step(trainer, example, device=None):
