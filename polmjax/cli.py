@@ -2,6 +2,7 @@
 
   polmjax sft EXPERIMENT.py [--set key=value ...]   supervised fine-tuning (resumes from run_dir if present)
   polmjax dpo EXPERIMENT.py [--set key=value ...]   DPO and its family (loss= in the experiment), same contract
+  polmjax kto EXPERIMENT.py [--set key=value ...]   KTO / unpaired APO-zero on prompt/completion/label data
   polmjax export RUN_DIR [--step N] [--out DIR]    a checkpoint as an HF model directory (+ PEFT adapter)
   polmjax demo [--out DIR]              build a tiny Llama-style model, save it as an HF directory, reload it
                                         sharded over every local device, compare its logits with
@@ -26,7 +27,8 @@ from polmjax.errors import USER_ERROR, UserError
 # command -> (module, experiment class, run function)
 ALGORITHMS = {"sft": ("polmjax.train.sft", "SFTExperiment", "run"),
               "dpo": ("polmjax.train.dpo", "DPOExperiment", "run"),
-              "rm": ("polmjax.train.rm", "RMExperiment", "run")}
+              "rm": ("polmjax.train.rm", "RMExperiment", "run"),
+              "kto": ("polmjax.train.kto", "KTOExperiment", "run")}
 PREEMPTED = 3
 
 

@@ -38,24 +38,43 @@ fit one row. A longer pair is cut by `tokenize_preference`'s rule (the prompt fr
 its BOS and its end next to the response; then the responses on the right) with
 truncation="right" (the default), or dropped with truncation="drop"; "left" is refused.
 
-Unpaired rows (prompt, completion, label) for KTO are one segment each (`UnpairedPipeline`): the
-same keys without pair_ids / is_chosen, plus `example_ids` (as pair_ids, with
-examples_per_row(seq_len) = seq_len // 2 slots a row; use `sequence_sums` with num_segments =
-examples_per_row + 1) and `desirable` (bool, True on the tokens of label=True examples). Each
-example is at most seq_len tokens, cut by the same rule. KTO's KL-baseline sequences (a prompt
-with another example's completion, TRL's `KL_completion_*`) are not built here yet.
+Unpaired rows (prompt, completion, label) for KTO (`UnpairedPipeline`): the same keys without
+pair_ids / is_chosen, plus `example_ids` (as pair_ids: a static slot id unique in the global batch, -1
+on padding) and `desirable` (bool, True on the tokens of a label=True example's own sequence). Two
+layouts:
+
+- kl_pairs=True (KTO's loss): each example is ONE document of two segments, like a pair: segment
+  2k+1 = prompt + its completion, segment 2k+2 = the same prompt + a mismatched completion (the KL
+  baseline sequence, TRL's `KL_completion_*`), loss_mask on the completion tokens of both,
+  `desirable` on the first only. `pair_sums(values, segment_ids, loss_mask, pairs_per_row(seq_len))`
+  gives (example, KL) sums per slot; each sequence is at most seq_len // 2 tokens (the pair rule).
+- kl_pairs=False (apo_zero_unpaired, no KL term): one segment per example, examples_per_row(seq_len)
+  = seq_len // 2 slots a row (`sequence_sums` with num_segments = examples_per_row + 1); each example
+  is at most seq_len tokens.
+
+The mismatched completion follows TRL's KTOTrainer (`_prepare_dataset`: completions rotated by one
+within each batch, (x_1, y_n), (x_2, y_1), ..., (x_n, y_{n-1})): the example at position p of its
+epoch's (shuffled) stream takes the completion of position p - 1 within its chunk of `global_batch`
+consecutive positions, cyclically; a chunk of one takes position p - 1 of the epoch (its own
+completion only when the split has one example). It is a pure function of the stream index (the
+partner record is read from `records.rows` by index), so it is deterministic and survives resume.
+With packing="none" on one process a chunk is exactly a batch, as in TRL; with packing the partner
+is a neighbour in the stream, in the same or a nearby batch (the estimate is a batch mean over
+mismatched pairs either way).
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
+import grain
 import numpy as np
 
 from polmjax.data.formats import DataError
 from polmjax.data.packing import FIELDS, join_documents, make_document
 from polmjax.data.pipeline import PackedPipeline
-from polmjax.data.tokenize import tokenize_preference, tokenize_unpaired
+from polmjax.data.tokenize import fit_responses, tokenize_preference, tokenize_unpaired
 
 MIN_SEQUENCE_TOKENS = 2  # a scored response token needs one token before it
 _NO_LIMIT = 2**62  # max_len that never cuts: tokenise at full length first, to tell truncation apart
@@ -111,22 +130,58 @@ class PreferencePipeline(PackedPipeline):
 
 
 class UnpairedPipeline(PackedPipeline):
-    """Batches of packed unpaired examples (format "unpaired", KTO); schema in the module docstring."""
+    """Batches of packed unpaired examples (format "unpaired", KTO); schema and the two layouts
+    (kl_pairs: with KTO's mismatched KL-baseline sequence, or one segment per example) in the module
+    docstring."""
 
     FORMATS = ("unpaired",)
     KIND = "the unpaired"
     FIELDS = (*FIELDS, "desirable")
     MIN_SEQ_LEN = MIN_SEQUENCE_TOKENS
 
-    def __init__(self, cfg, tokenizer, **kwargs):
+    def __init__(self, cfg, tokenizer, *, kl_pairs: bool = False, **kwargs):
         _check_response_config(cfg, type(self).__name__)
+        self.kl_pairs = kl_pairs
+        if kl_pairs:
+            self.MIN_SEQ_LEN = 2 * MIN_SEQUENCE_TOKENS
+        self._stream, self._local = None, threading.local()
         super().__init__(cfg, tokenizer, **kwargs)
 
     @property
     def examples_per_row(self) -> int:
-        return examples_per_row(self.seq_len)
+        """Example slots a row holds: pairs_per_row(seq_len) with KL sequences, else examples_per_row."""
+        return pairs_per_row(self.seq_len) if self.kl_pairs else examples_per_row(self.seq_len)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return super().fingerprint() | {"kl_pairs": self.kl_pairs}
+
+    def kl_partner(self, index: int) -> int:
+        """The record whose completion the example at stream `index` is paired with for the KL baseline."""
+        n = len(self.indices)
+        epoch, p = divmod(index, n)
+        start = p - p % self.global_batch
+        size = min(self.global_batch, n - start)
+        q = start + (p - start - 1) % size if size > 1 else (p - 1) % n
+        return int(self.indices[self._position(epoch * n + q)])
+
+    def _position(self, index: int) -> int:
+        """Position in self.indices of stream index `index` (the order `dataset()` reads)."""
+        if self.split != "train":
+            return index % len(self.indices)
+        if self._stream is None:  # the same chain as PackedPipeline.dataset(): grain's index shuffle per epoch
+            self._stream = grain.MapDataset.range(len(self.indices)).shuffle(seed=self.cfg.seed).repeat(
+                self.cfg.num_epochs)
+        return int(self._stream[index])
+
+    def _prepare(self, item):
+        # _document needs the stream index to find the KL partner; grain maps on several threads, so the
+        # index travels per thread (the base _prepare calls _document on the thread it runs on)
+        self._local.index = item[1]
+        return super()._prepare(item)
 
     def _document(self, row):
+        if self.kl_pairs:
+            return self._kl_document(row)
         ids = tokenize_unpaired(row, self.tokenizer, max_len=_NO_LIMIT)
         truncated = len(ids["prompt_ids"]) + len(ids["completion_ids"]) > self.seq_len
         if truncated:
@@ -136,9 +191,27 @@ class UnpairedPipeline(PackedPipeline):
         doc = _sequence(ids["prompt_ids"], ids["completion_ids"])
         return doc | {"desirable": np.full(len(doc["input_ids"]), ids["label"], bool)}, truncated
 
+    def _kl_document(self, row):
+        ids = tokenize_unpaired(row, self.tokenizer, max_len=_NO_LIMIT)
+        partner = self.kl_partner(self._local.index)
+        try:
+            other = tokenize_unpaired(self.records.rows[partner], self.tokenizer, max_len=_NO_LIMIT)["completion_ids"]
+        except Exception as e:
+            raise DataError(f"its KL-baseline completion from {self.records.where(partner)}: {e}") from e
+        prompt, responses = ids["prompt_ids"], [ids["completion_ids"], other]
+        max_len = self.seq_len // 2
+        truncated = len(prompt) + max(len(r) for r in responses) > max_len
+        if truncated:
+            if self.cfg.truncation == "drop":
+                return None, False
+            prompt, responses = fit_responses(self.tokenizer, prompt, responses, max_len)
+        doc = pair_document(prompt, *responses)
+        return doc | {"desirable": (doc["segment_ids"] == 1) & bool(ids["label"])}, truncated
+
     def _finish(self, batch):
         seg = batch["segment_ids"]
-        batch["example_ids"] = _slot_ids(seg, seg - 1, self.examples_per_row, self.process_index, self.rows)
+        slot = (seg - 1) // 2 if self.kl_pairs else seg - 1
+        batch["example_ids"] = _slot_ids(seg, slot, self.examples_per_row, self.process_index, self.rows)
         return batch
 
 

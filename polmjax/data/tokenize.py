@@ -106,6 +106,14 @@ def tokenize_unpaired(example: Mapping[str, Any], tokenizer, max_len: int) -> di
     return {"prompt_ids": prompt, "completion_ids": completion, "label": row["label"]}
 
 
+def fit_responses(tokenizer, prompt_ids, responses, max_len: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The length rule of `tokenize_preference` / `tokenize_unpaired` on already tokenised ids: the prompt
+    cut from the left (keeping its BOS and its end) so that each prompt + response fits `max_len`, then
+    the responses cut on the right. KTO's KL-baseline sequences (a prompt with another example's
+    completion) use it."""
+    return _fit_pair(tokenizer, list(prompt_ids), [list(r) for r in responses], max_len)
+
+
 def stop_token_ids(tokenizer) -> tuple[int, ...]:
     """The ids generation stops at: the tokenizer's EOS, and the chat template's end-of-turn token.
 
