@@ -77,3 +77,24 @@ def test_reference_free_loss_runs_without_a_reference(tmp_path):
 def test_bad_settings_are_named(override, message):
     with pytest.raises(config_lib.ConfigError, match=message):
         config_lib.load_experiment(TINY, [override])
+
+
+def test_precomputed_reference_equals_the_reference_model_and_is_cached(tmp_path, caplog):
+    """reference='precomputed' trains like reference='copy' (same losses, no reference forward), and a
+    restarted run reads run_dir/reference_logps instead of recomputing it."""
+    common = ["train.steps=3", "optim.lr=1e-2", "optim.schedule=constant", "train.eval_every=3",
+              "data.eval_fraction=0.05"]
+    dpo.run(_cfg(tmp_path / "copy", *common, "reference=copy"))
+    dpo.run(_cfg(tmp_path / "pre", *common, "reference=precomputed"))
+    copy, pre = _rows(tmp_path / "copy"), _rows(tmp_path / "pre")
+    for step in range(1, 4):
+        np.testing.assert_allclose(pre[step]["loss"], copy[step]["loss"], rtol=1e-5, err_msg=str(step))
+    np.testing.assert_allclose(_rows(tmp_path / "pre", "eval")[3]["rewards/margins"],
+                               _rows(tmp_path / "copy", "eval")[3]["rewards/margins"], rtol=1e-4)
+    cache = tmp_path / "pre" / "reference_logps"
+    assert sorted(os.listdir(cache)) == ["eval.npz", "train.npz"]
+    mtime = os.path.getmtime(cache / "train.npz")
+    with caplog.at_level("INFO", logger="polmjax"):
+        dpo.run(_cfg(tmp_path / "pre", *common, "reference=precomputed", "train.steps=4"))
+    assert os.path.getmtime(cache / "train.npz") == mtime
+    assert "computed and cached" not in caplog.text and max(_rows(tmp_path / "pre")) == 4

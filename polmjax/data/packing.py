@@ -29,6 +29,8 @@ DTYPES = {
     "positions": np.int32,
     "segment_ids": np.int32,
     "desirable": np.bool_,  # unpaired (KTO) label of the segment's example
+    "record_ids": np.int32,  # the source record of each token (precomputing reference log-probs)
+    "ref_logps": np.float32,  # precomputed reference log-prob of each target (polmjax.train.reference)
 }
 
 

@@ -11,7 +11,9 @@ never straddles micro-batches or devices. Per-sequence log-prob sums come from
 `frozen = {"base": ..., "reference": ...}`: `base` holds the frozen part of the policy (the LoRA base;
 {} for full fine-tuning); `reference` the reference model's parameters, a separate non-donated
 argument that gets no gradient (None for reference-free losses such as SimPO). With LoRA the reference
-can be the base itself with the adapters off (`reference_params(...)`): no copy at all.
+can be the base itself with the adapters off (`reference_params(...)`): no copy at all. Or the batch
+carries the reference's per-token log-probs, computed once before training (`ref_logps`, see
+`polmjax.train.reference`), and `reference` is None: no reference forward at all.
 
 Every pair weighs 1 / (pairs in the global batch), fixed before the batch is split into micro-batches
 (`polmjax.train.step.update`), so gradient accumulation is exact. Metrics use TRL's names.
@@ -32,6 +34,8 @@ from polmjax.losses import PREFERENCE_LOSSES, implicit_rewards, sft_loss
 from polmjax.losses.segments import pair_sums
 from polmjax.models.config import LoraConfig, ModelConfig
 from polmjax.models.decoder import forward_hidden, target_logprobs
+from polmjax.mesh import make_mesh
+from polmjax.train import reference as reference_lib
 from polmjax.train import run as run_lib
 from polmjax.train.config import MeshConfig, ModelSource, TrainConfig
 from polmjax.train.loop import LoopResult
@@ -55,7 +59,7 @@ def dpo_step(state: TrainState, frozen: dict, batch: dict, *, model_cfg: ModelCo
     (RPO's `rpo_alpha`, TRL's "sft" loss type; ORPO uses 1).
     """
     terms = PairTerms(model_cfg, loss, beta, loss_kwargs, pairs_per_row, reference=frozen.get("reference"),
-                      mesh=mesh, rules=rules)
+                      precomputed="ref_logps" in batch, mesh=mesh, rules=rules)
     n_c, n_r = pair_sums(jnp.ones(batch["loss_mask"].shape, jnp.float32), batch["segment_ids"],
                          batch["loss_mask"], pairs_per_row)
     pair_weight = 1.0 / jnp.maximum(((n_c > 0) & (n_r > 0)).sum(), 1).astype(jnp.float32)
@@ -90,16 +94,20 @@ class PairTerms:
     """
 
     def __init__(self, model_cfg: ModelConfig, loss: str, beta: float, loss_kwargs: dict | None, pairs_per_row: int,
-                 *, reference=None, mesh=None, rules=None):
+                 *, reference=None, precomputed: bool = False, mesh=None, rules=None):
         if loss not in PREFERENCE_LOSSES:
             raise ValueError(f"loss={loss!r}; expected one of {', '.join(sorted(PREFERENCE_LOSSES))}")
         self.fn = PREFERENCE_LOSSES[loss]
         params = inspect.signature(self.fn).parameters
         self.arg_names = tuple(params)
         self.needs_reference = any(name.startswith("ref_") for name in params)
-        if self.needs_reference and reference is None:
-            raise ValueError(f"loss {loss!r} needs a reference model; frozen['reference'] is None")
+        if self.needs_reference and reference is None and not precomputed:
+            raise ValueError(f"loss {loss!r} needs a reference model; frozen['reference'] is None and the batch "
+                             "has no precomputed 'ref_logps'")
+        if reference is not None and precomputed:
+            raise ValueError("both a reference model and precomputed 'ref_logps' given; pass one")
         self.reference = reference if self.needs_reference else None
+        self.precomputed = precomputed
         self.model_cfg, self.beta, self.pairs_per_row, self.mesh, self.rules = model_cfg, beta, pairs_per_row, mesh, rules
         self.ref_cfg = (model_cfg.replace(lora=None) if reference is not None and not _has_lora(reference)
                         else model_cfg)
@@ -115,7 +123,8 @@ class PairTerms:
         lp_BT = self.logprobs(self.model_cfg, params, mb, dropout_rng)
         seqs = _sequence_logprobs(lp_BT, mb, self.pairs_per_row, "")
         if self.needs_reference:
-            ref_BT = jax.lax.stop_gradient(self.logprobs(self.ref_cfg, self.reference, mb))
+            ref_BT = mb["ref_logps"] if self.precomputed else self.logprobs(self.ref_cfg, self.reference, mb)
+            ref_BT = jax.lax.stop_gradient(ref_BT)
             seqs.update(_sequence_logprobs(ref_BT, mb, self.pairs_per_row, "ref_"))
         valid_BP = seqs.pop("valid")
         per_pair_BP = self.fn(**{name: seqs[name] for name in self.arg_names if name in seqs}, **self.kwargs)
@@ -158,7 +167,7 @@ def _has_lora(params: dict) -> bool:
 # ----------------------------------------------------------------------------------------------
 # The experiment and the algorithm the shared run (polmjax.train.run) needs
 
-REFERENCES = ("auto", "copy", "base", "none")
+REFERENCES = ("auto", "copy", "base", "precomputed", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +178,9 @@ class DPOExperiment:
     loss_kwargs: the loss's other hyperparameters by name (label_smoothing, gamma, tau, delta).
     nll_weight: weight of the chosen responses' token-mean NLL (RPO's rpo_alpha; 1 for ORPO as in its paper).
     reference: "auto" = the LoRA base with the adapters off for LoRA runs (no copy), else "copy" (a
-      frozen copy of the initial policy, sharded like it); "none" for reference-free losses.
+      frozen copy of the initial policy, sharded like it); "precomputed": the initial model's log-probs
+      computed once over the data and cached in run_dir/reference_logps (`polmjax.train.reference`;
+      one process); "none" for reference-free losses.
     """
 
     model: ModelSource
@@ -195,6 +206,8 @@ class DPOExperiment:
         unknown = set(self.loss_kwargs) - allowed
         if unknown:
             raise ValueError(f"loss_kwargs {sorted(unknown)}: loss {self.loss!r} takes {sorted(allowed - {'beta'})}")
+        if not _needs_reference(self.loss) and self.reference == "precomputed":
+            raise ValueError(f"loss={self.loss!r} uses no reference model; reference='precomputed' has nothing to do")
         if _needs_reference(self.loss) and self.reference == "none":
             raise ValueError(f"loss={self.loss!r} needs a reference model; reference='none' is for simpo / orpo")
         if self.train.eval_every and not self.data.eval_fraction:
@@ -207,8 +220,17 @@ def run(exp: DPOExperiment, *, allow_config_change: bool = False) -> LoopResult:
 
 
 def pipeline(exp: DPOExperiment, data_cfg: DataConfig, tokenizer, split: str) -> PreferencePipeline:
-    return PreferencePipeline(data_cfg, tokenizer, global_batch=exp.train.global_batch, seq_len=exp.train.seq_len,
-                              split=split, process_index=jax.process_index(), process_count=jax.process_count())
+    kw = dict(global_batch=exp.train.global_batch, seq_len=exp.train.seq_len, split=split,
+              process_index=jax.process_index(), process_count=jax.process_count())
+    if exp.reference == "precomputed":
+        mesh = make_mesh(exp.mesh.data, exp.mesh.fsdp, exp.mesh.tensor)
+        cache = reference_lib.reference_logps(exp, data_cfg, tokenizer, split, mesh)
+        return reference_lib.ReferencePipeline(data_cfg, tokenizer, ref_logps=cache, **kw)
+    return PreferencePipeline(data_cfg, tokenizer, **kw)
+
+
+def batch_keys(exp: DPOExperiment) -> tuple[str, ...]:
+    return (*BATCH_KEYS, "ref_logps") if exp.reference == "precomputed" else BATCH_KEYS
 
 
 def frozen_inputs(exp: DPOExperiment, trainable: dict, base: dict) -> dict:
@@ -216,7 +238,7 @@ def frozen_inputs(exp: DPOExperiment, trainable: dict, base: dict) -> dict:
     kind = exp.reference
     if kind == "auto":
         kind = "none" if not _needs_reference(exp.loss) else "base" if exp.lora else "copy"
-    reference = None if kind == "none" else reference_params(trainable, base, lora=kind == "base")
+    reference = None if kind in ("none", "precomputed") else reference_params(trainable, base, lora=kind == "base")
     return {"base": base, "reference": reference}
 
 
@@ -235,7 +257,7 @@ def eval_sums(exp: DPOExperiment, model_cfg, mesh):
 
     def sums(params, frozen, batch):
         terms = PairTerms(model_cfg, exp.loss, exp.beta, dict(exp.loss_kwargs), pairs_per_row(exp.train.seq_len),
-                          reference=frozen["reference"], mesh=mesh)
+                          reference=frozen["reference"], precomputed="ref_logps" in batch, mesh=mesh)
         loss_BP, valid_BP, metrics_BP, _ = terms(combine_params(params, frozen["base"]), batch)
         out = {k: (v * valid_BP).sum() for k, v in metrics_BP.items()}
         return {**out, "loss": (loss_BP * valid_BP).sum(), "pairs": valid_BP.sum()}
@@ -254,7 +276,7 @@ def _needs_reference(loss: str) -> bool:
 
 
 ALGORITHM = run_lib.Algorithm(
-    name="dpo", batch_keys=BATCH_KEYS, pipeline=pipeline, jit_step=jit_step, eval_sums=eval_sums,
+    name="dpo", batch_keys=batch_keys, pipeline=pipeline, jit_step=jit_step, eval_sums=eval_sums,
     eval_metrics=eval_metrics, frozen=frozen_inputs,
     toy_data={"toy:preference": ("preference", toy.write_toy_preference_dataset)},
 )

@@ -47,7 +47,8 @@ class Algorithm:
     """What one algorithm adds to the shared run.
 
     name: the CLI command and the log name ("sft").
-    batch_keys: the [B, T] host arrays of a batch (sharded over ("act_batch", "act_len")).
+    batch_keys: the [B, T] host arrays of a batch (sharded over ("act_batch", "act_len")), or
+      batch_keys(exp) -> them when the experiment decides.
     pipeline(exp, data_cfg, tokenizer, split): a resumable source of host batches (`iter()` gives an
       iterator with get_state/set_state), split "train" or "eval".
     jit_step(exp, model_cfg, optimizer, schedule, mesh, state_shardings, frozen_shardings, batch_shardings):
@@ -61,7 +62,7 @@ class Algorithm:
     """
 
     name: str
-    batch_keys: tuple[str, ...]
+    batch_keys: tuple[str, ...] | Callable
     pipeline: Callable
     jit_step: Callable
     eval_sums: Callable
@@ -88,13 +89,14 @@ def run(exp: Any, algorithm: Algorithm, *, allow_config_change: bool = False) ->
 
     pipe = algorithm.pipeline(exp, data_cfg, tokenizer, "train")
     batch_sharding = mesh_lib.named_sharding(mesh, ("act_batch", "act_len"), (tc.global_batch, tc.seq_len))
-    batch_shardings = {k: batch_sharding for k in algorithm.batch_keys}
+    keys = algorithm.batch_keys(exp) if callable(algorithm.batch_keys) else algorithm.batch_keys
+    batch_shardings = {k: batch_sharding for k in keys}
     frozen_shardings = jax.tree.map(lambda x: x.sharding, step_frozen)
     step_fn = algorithm.jit_step(exp, cfg, optimizer, schedule, mesh, state_shardings(state), frozen_shardings,
                                  batch_shardings)
 
     def put_batch(batch):
-        return {k: jax.make_array_from_process_local_data(batch_sharding, batch[k]) for k in algorithm.batch_keys}
+        return {k: jax.make_array_from_process_local_data(batch_sharding, batch[k]) for k in keys}
 
     eval_fn = None
     if tc.eval_every:
