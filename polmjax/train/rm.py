@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from polmjax import config as config_lib
 from polmjax.data import DataConfig, PreferencePipeline, pairs_per_row, tokenize_unpaired, toy
 from polmjax.losses import bradley_terry, center_rewards
 from polmjax.losses.segments import pair_sums
@@ -205,6 +206,7 @@ class RMExperiment:
 
 def run(exp: RMExperiment, *, allow_config_change: bool = False) -> LoopResult:
     """`polmjax rm`: the shared run (`polmjax.train.run`) with the reward-model algorithm."""
+    config_lib.validate(exp)  # also when called from Python: e.g. no sample generation for a reward model
     return run_lib.run(exp, ALGORITHM, allow_config_change=allow_config_change)
 
 
