@@ -6,8 +6,8 @@ held-out pairs: `rewards/accuracies` (the loss's implied reward ranks chosen abo
 metric) and `logps/accuracies` (the policy itself gives the chosen answer the higher log-prob), at
 the start (the SFT model: one step at lr 0) and after `--steps`.
 
-    python experiments/dpo/loss_table.py                       # every loss, 100 steps each
-    python experiments/dpo/loss_table.py --losses sigmoid ipo --steps 50
+    python experiments/benchmarks/dpo_loss_table.py                       # every loss, 100 steps each
+    python experiments/benchmarks/dpo_loss_table.py --losses sigmoid ipo --steps 50
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     from polmjax.config import load_experiment
     from polmjax.train import dpo
 
-    experiment = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny.py")
+    experiment = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dpo", "tiny.py")
     common = [*args.overrides, "train.export_hf=false", "train.save_every=100000", "train.keep=1"]
 
     def held_out(name, extra, steps):
