@@ -64,11 +64,11 @@ def main(argv=None) -> int:
 
     start, _ = held_out("start", ["optim.warmup_steps=1"], 1)  # the first step of a warm-up has lr 0
     lines = [f"| loss | held-out rewards/accuracies | held-out logps/accuracies (start {start['logps/accuracies']:.3f})"
-             f" | held-out loss | s |", "|---|---|---|---|---|"]
+             f" | held-out loss |", "|---|---|---|---|"]
     for loss in args.losses:
-        end, seconds = held_out(loss, [f"loss={loss}", *LOSSES.get(loss, [])], args.steps)
+        end, _ = held_out(loss, [f"loss={loss}", *LOSSES.get(loss, [])], args.steps)
         lines.append(f"| `{loss}` | {end['rewards/accuracies']:.3f} | {end['logps/accuracies']:.3f} | "
-                     f"{end['loss']:.4f} | {seconds:.0f} |")
+                     f"{end['loss']:.4f} |")
         print(lines[-1], flush=True)
     print(f"\n{args.steps} steps each from runs/sft_tiny/export/hf; {int(start['pairs'])} held-out pairs\n")
     print("\n".join(lines))
