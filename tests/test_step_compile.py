@@ -20,7 +20,7 @@ import pytest
 from polmjax import mesh as mesh_lib
 from polmjax import models
 from polmjax.data import DataConfig
-from polmjax.train import dpo, rm, sft
+from polmjax.train import dpo, kto, rm, sft
 from polmjax.train.abstract import abstract_step
 from polmjax.train.config import ModelSource, TrainConfig
 
@@ -34,7 +34,8 @@ DPO_CASES = {"copy": {"loss": "sigmoid", "reference": "copy"},
 
 
 def _experiment(algorithm, cfg, run_dir, **fields):
-    cls = {"sft": sft.SFTExperiment, "dpo": dpo.DPOExperiment, "rm": rm.RMExperiment}[algorithm.name]
+    cls = {"sft": sft.SFTExperiment, "dpo": dpo.DPOExperiment, "rm": rm.RMExperiment,
+           "kto": kto.KTOExperiment}[algorithm.name]
     return cls(model=ModelSource(init=cfg, tokenizer="toy", num_labels=cfg.num_labels),
                data=DataConfig(path="toy:preference"),
                train=TrainConfig(run_dir=str(run_dir), steps=10, global_batch=B, seq_len=T), **fields)
@@ -61,7 +62,7 @@ def _analytic_flops(cfg, devices: int, reference: bool = False) -> float:
 
 # algorithm -> (model config fields, experiment fields) of its step on the (2,2,2) mesh
 STEPS = {"sft": (sft.ALGORITHM, {}, {}), "dpo": (dpo.ALGORITHM, {}, DPO_CASES["copy"]),
-         "rm": (rm.ALGORITHM, {"num_labels": 1}, {})}
+         "rm": (rm.ALGORITHM, {"num_labels": 1}, {}), "kto": (kto.ALGORITHM, {}, {"reference": "copy"})}
 
 
 @pytest.mark.parametrize("name", STEPS)
