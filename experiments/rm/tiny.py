@@ -8,6 +8,10 @@ chosen = the right answer, rejected = a near miss) in TRL's conversational forma
 accuracy (reward of chosen > reward of rejected) and margin are logged every `eval_every` steps. The
 export in run_dir/export/hf is a `Qwen3ForSequenceClassification` that `transformers` loads.
 
+Measured (shared 2-core CPU, 11:44 for 600 steps): held-out accuracy 0.72 / 0.825 / 0.815 / 0.83 / 0.825 /
+0.825 at steps 100..600 (sort 0.97, reverse 0.92, add 0.58 at the end: telling a sum from a near miss needs
+the arithmetic). From scratch (the SFT experiment's model config, lr 1e-3, 300 steps) reached 0.80.
+
     polmjax rm experiments/rm/tiny.py
     polmjax rm experiments/rm/tiny.py --set center_rewards_coefficient=0.01 --set train.run_dir=runs/rm_tiny_centred
 """
