@@ -149,3 +149,21 @@ def test_sharded_accumulated_step_equals_single_device(shape):
         np.testing.assert_allclose(got[k], want[k], rtol=2e-5, atol=1e-6, err_msg=k)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got_state.params,
                  want_state.params)
+
+
+@pytest.mark.parametrize("loss", ["aot", "aot_unpaired"])
+def test_quantile_losses_sort_only_the_valid_pairs(loss):
+    """AOT sorts over the batch: on packed [B, P] slots the empty ones must not enter the quantiles."""
+    from polmjax.losses import PREFERENCE_LOSSES
+    from polmjax.train.dpo import _sorted_over_valid_pairs
+
+    rng = np.random.RandomState(0)
+    valid = (rng.rand(3, 4) > 0.4).astype(np.float32)
+    args = {k: jnp.asarray((rng.randn(3, 4) * 5 - 30) * valid, jnp.float32)
+            for k in ("chosen", "rejected", "ref_chosen", "ref_rejected")}
+    fn = PREFERENCE_LOSSES[loss]
+    got = _sorted_over_valid_pairs(fn, args, jnp.asarray(valid), {"beta": 0.1})
+    keep = valid.reshape(-1) > 0
+    want = fn(**{k: v.reshape(-1)[keep] for k, v in args.items()}, beta=0.1)
+    np.testing.assert_allclose(np.asarray(got).reshape(-1)[:keep.sum()], want, rtol=1e-6)
+    assert not np.asarray(got).reshape(-1)[keep.sum():].any()

@@ -71,7 +71,7 @@ def dpo_step(state: TrainState, frozen: dict, batch: dict, *, model_cfg: ModelCo
         per_pair_BP, valid_BP, metrics_BP, lp_BT = terms(params, mb, rng if dropout else None)
         w_BP = valid_BP * pair_weight
         metrics = {k: (v * w_BP).sum() for k, v in metrics_BP.items()}
-        total = (per_pair_BP * w_BP).sum()
+        total = (per_pair_BP * pair_weight).sum()  # per_pair_BP is 0 on empty slots
         if nll_weight:
             nll = sft_loss(lp_BT, mb["nll_weights"]).sum()
             metrics["nll"] = nll
@@ -88,7 +88,7 @@ class PairTerms:
     that training and held-out evaluation share.
 
     terms(params, mb, dropout_rng) -> (loss_BP, valid_BP, metrics_BP, policy_logps_BT), every [B, P]
-    array per pair slot (P = pairs_per_row); metrics are TRL's `logps/*` and `rewards/*` (implicit
+    array per pair slot (P = pairs_per_row); loss_BP is 0 on empty slots; metrics are TRL's `logps/*` and `rewards/*` (implicit
     rewards beta * (policy - reference) log-ratios; beta * mean log-prob for reference-free losses),
     plus `logps/accuracies`: the policy's own ranking (chosen log-prob sum > rejected's).
     """
@@ -127,7 +127,11 @@ class PairTerms:
             ref_BT = jax.lax.stop_gradient(ref_BT)
             seqs.update(_sequence_logprobs(ref_BT, mb, self.pairs_per_row, "ref_"))
         valid_BP = seqs.pop("valid")
-        per_pair_BP = self.fn(**{name: seqs[name] for name in self.arg_names if name in seqs}, **self.kwargs)
+        args = {name: seqs[name] for name in self.arg_names if name in seqs}
+        if self.fn in SORTING_LOSSES:
+            per_pair_BP = _sorted_over_valid_pairs(self.fn, args, valid_BP, self.kwargs)
+        else:
+            per_pair_BP = self.fn(**args, **self.kwargs) * valid_BP
         metrics = {"logps/chosen": seqs["chosen"], "logps/rejected": seqs["rejected"],
                    # not TRL's: does the policy itself give the chosen response the higher likelihood?
                    "logps/accuracies": (seqs["chosen"] > seqs["rejected"]).astype(jnp.float32)}
@@ -139,6 +143,24 @@ class PairTerms:
         metrics.update({"rewards/chosen": r_c, "rewards/rejected": r_r,
                         "rewards/accuracies": (r_c > r_r).astype(jnp.float32), "rewards/margins": r_c - r_r})
         return per_pair_BP, valid_BP, metrics, lp_BT
+
+
+# Losses over batch quantiles (AOT): their i-th value belongs to the i-th quantile, not to pair i.
+SORTING_LOSSES = (PREFERENCE_LOSSES["aot"], PREFERENCE_LOSSES["aot_unpaired"])
+_SENTINEL = 1e6  # larger than any |log-prob difference|, exact in float32
+
+
+def _sorted_over_valid_pairs(fn, args: dict, valid_BP, kwargs: dict):
+    """A quantile loss over the valid pair slots of the whole (micro-)batch: [B, P] flattened to one
+    axis, empty slots given values that sort last in every difference AOT sorts (chosen - rejected,
+    ref_chosen - ref_rejected, chosen - ref_chosen, rejected - ref_rejected all equal _SENTINEL), so
+    the first n_valid quantiles are the valid pairs'; those carry the loss, the rest 0."""
+    fill = {"chosen": 2 * _SENTINEL, "rejected": _SENTINEL, "ref_chosen": _SENTINEL, "ref_rejected": 0.0}
+    valid = valid_BP.reshape(1, -1) > 0
+    flat = {k: jnp.where(valid, v.reshape(1, -1), fill[k]) for k, v in args.items()}
+    loss = fn(**flat, **kwargs)
+    first = (jnp.arange(valid.size) < valid.sum()).reshape(1, -1)
+    return jnp.where(first, loss, 0.0).reshape(valid_BP.shape)
 
 
 def reference_params(trainable: dict, base: dict, lora: bool) -> dict:
@@ -260,7 +282,7 @@ def eval_sums(exp: DPOExperiment, model_cfg, mesh):
                           reference=frozen["reference"], precomputed="ref_logps" in batch, mesh=mesh)
         loss_BP, valid_BP, metrics_BP, _ = terms(combine_params(params, frozen["base"]), batch)
         out = {k: (v * valid_BP).sum() for k, v in metrics_BP.items()}
-        return {**out, "loss": (loss_BP * valid_BP).sum(), "pairs": valid_BP.sum()}
+        return {**out, "loss": loss_BP.sum(), "pairs": valid_BP.sum()}
 
     return sums
 
