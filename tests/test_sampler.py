@@ -2,6 +2,8 @@
 keeps to its allowed sets, log-probs == the trainer's `target_logprobs`, one prefill for n samples, early exit,
 stop sequences, one compile per prompt bucket, sharded == one device."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +14,7 @@ from scipy import stats
 
 from polmjax import models
 from polmjax.mesh import make_mesh
-from polmjax.models.decoder import forward_hidden, init_params, logits_from_hidden, target_logprobs
+from polmjax.models.decoder import forward_hidden, logits_from_hidden, target_logprobs, unflatten
 from polmjax.rl import sampler
 from polmjax.rl.sampler import pad_prompts, sample
 
@@ -21,10 +23,14 @@ CFG = models.ModelConfig(family="qwen3", vocab_size=50, hidden_size=32, intermed
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12], [3], [4, 4, 4, 4]]
 
 
+@functools.cache
 def _peaked_params(cfg, seed=0):
     """Random weights large enough that next-token distributions are far from uniform (so that truncation
     excludes tokens and the chi-square test has a shape to check)."""
-    return init_params(cfg, jax.random.key(seed), std=0.3)
+    rng = np.random.RandomState(seed)
+    init = {"normal": lambda shape: rng.normal(0, 0.3, shape), "zeros": np.zeros, "ones": np.ones}
+    return unflatten({name: jnp.asarray(init[spec.init](spec.shape), jnp.float32)  # numpy: no compile
+                      for name, spec in sorted(models.param_specs(cfg).items())})
 
 
 def _reference(cfg, params, ids, mask, out, n):
@@ -35,10 +41,15 @@ def _reference(cfg, params, ids, mask, out, n):
     seq = np.concatenate([ids, np.asarray(out.tokens)], axis=1)
     seg = np.concatenate([mask, np.ones_like(np.asarray(out.tokens))], axis=1).astype(np.int32)
     pos = np.maximum(np.cumsum(seg, axis=1) - 1, 0)
-    hidden, _ = forward_hidden(cfg, params, jnp.asarray(seq), jnp.asarray(pos), jnp.asarray(seg))
-    hidden = hidden[:, P - 1:P - 1 + N]
-    logits = np.asarray(logits_from_hidden(cfg, params, hidden))
-    return logits, np.asarray(target_logprobs(cfg, params, hidden, out.tokens))
+    logits, target = _full_forward(cfg, params, seq, pos, seg, out.tokens, P)
+    return np.asarray(logits), np.asarray(target)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def _full_forward(cfg, params, seq, pos, seg, tokens, P):
+    hidden, _ = forward_hidden(cfg, params, seq, pos, seg)
+    hidden = hidden[:, P - 1:P - 1 + tokens.shape[1]]
+    return logits_from_hidden(cfg, params, hidden), target_logprobs(cfg, params, hidden, tokens)
 
 
 def _allowed(logits_V, temperature, top_k=None, top_p=None, min_p=None):
@@ -90,9 +101,9 @@ def test_temperature_one_matches_the_softmax():
     params = _peaked_params(cfg)
     ids, mask = pad_prompts([[3, 4, 5]], pad_id=0, buckets=(4,))
     out = sample(cfg, params, ids, mask, jax.random.key(1), n=20000, max_new_tokens=1, eos_ids=())
-    hidden, _ = forward_hidden(cfg, params, jnp.asarray(ids), jnp.asarray(np.maximum(np.cumsum(mask, 1) - 1, 0)),
-                               jnp.asarray(mask))
-    logits = np.asarray(logits_from_hidden(cfg, params, hidden[:, -1:]))[0, 0].astype(np.float64)
+    pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    logits = np.asarray(_full_forward(cfg, params, ids, pos, mask, out.tokens[:1], ids.shape[1])[0])
+    logits = logits[0, 0].astype(np.float64)
     p = np.exp(logits - logits.max())
     p /= p.sum()
     assert p.max() / p.min() > 5  # a distribution with a shape
@@ -164,13 +175,13 @@ def test_n_samples_share_one_prefill():
 def test_loop_exits_when_every_row_has_stopped():
     params = _peaked_params(CFG)
     ids, mask = pad_prompts([PROMPTS[0]] * 4, pad_id=0, buckets=(8,))
-    free = sample(CFG, params, ids, mask, None, max_new_tokens=10, eos_ids=(), temperature=0.0)
-    assert int(free.steps) == 10 and np.asarray(free.truncated).all()
+    free = sample(CFG, params, ids, mask, None, max_new_tokens=8, eos_ids=(), temperature=0.0)
+    assert int(free.steps) == 8 and np.asarray(free.truncated).all()
     first = np.asarray(free.tokens[0]).tolist()
-    k = next(i for i in range(1, 10) if first[i] not in first[:i])  # token k + 1 is the first new one
+    k = next(i for i in range(1, 8) if first[i] not in first[:i])  # token k + 1 is the first new one
     eos = first[k]
-    out = sample(CFG, params, ids, mask, None, max_new_tokens=10, eos_ids=(eos,), temperature=0.0)
-    assert int(out.steps) == k + 1 < 10  # every row stopped at token k + 1: the loop stopped there
+    out = sample(CFG, params, ids, mask, None, max_new_tokens=8, eos_ids=(eos,), temperature=0.0)
+    assert int(out.steps) == k + 1 < 8  # every row stopped at token k + 1: the loop stopped there
     assert np.asarray(out.lengths).tolist() == [k + 1] * 4 and not np.asarray(out.truncated).any()
     np.testing.assert_array_equal(np.asarray(out.tokens[:, :k + 1]), np.asarray(free.tokens[:, :k + 1]))
     assert (np.asarray(out.tokens[:, k + 1:]) == 0).all() and (np.asarray(out.logprobs[:, k + 1:]) == 0).all()
@@ -210,14 +221,14 @@ def test_prompt_buckets_compile_once():
 
 def test_sharded_greedy_equals_one_device():
     """Mesh (2, 2, 2): rows over data x fsdp, heads over tensor; the same greedy tokens and log-probs."""
-    cfg = CFG.replace(layer_types=("sliding", "full"), sliding_window=3)
-    params = _peaked_params(cfg)
+    params = _peaked_params(CFG)
     ids, mask = pad_prompts(PROMPTS, pad_id=0, buckets=(8,))
-    kw = dict(n=2, max_new_tokens=6, eos_ids=(), temperature=0.0)
-    ref = sample(cfg, params, ids, mask, None, **kw)
+    kw = dict(max_new_tokens=8, eos_ids=(), temperature=0.0)
+    ref = sample(CFG, params, ids, mask, None, **kw)  # greedy: n = 2 repeats each row
     mesh = make_mesh(2, 2, 2)
-    sharded_params = jax.device_put(params, models.param_shardings(cfg, mesh))
-    got = sample(cfg, sharded_params, ids, mask, None, mesh=mesh, **kw)
-    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(ref.tokens))
-    np.testing.assert_allclose(np.asarray(got.model_logprobs), np.asarray(ref.model_logprobs), atol=1e-5, rtol=0)
+    sharded_params = jax.device_put(params, models.param_shardings(CFG, mesh))
+    got = sample(CFG, sharded_params, ids, mask, None, n=2, mesh=mesh, **kw)
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.repeat(np.asarray(ref.tokens), 2, axis=0))
+    np.testing.assert_allclose(np.asarray(got.model_logprobs), np.repeat(np.asarray(ref.model_logprobs), 2, axis=0),
+                               atol=1e-5, rtol=0)
     assert len(got.tokens.sharding.device_set) == 8
