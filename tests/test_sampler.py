@@ -37,7 +37,7 @@ def _reference(cfg, params, ids, mask, out, n):
     """Full forward of prompt ++ completion (no cache): logits [R, N, V] predicting each generated token, and
     target_logprobs [R, N] of the generated tokens at temperature 1."""
     ids, mask = np.repeat(ids, n, axis=0), np.repeat(mask, n, axis=0)
-    P, N = ids.shape[1], out.tokens.shape[1]
+    P = ids.shape[1]
     seq = np.concatenate([ids, np.asarray(out.tokens)], axis=1)
     seg = np.concatenate([mask, np.ones_like(np.asarray(out.tokens))], axis=1).astype(np.int32)
     pos = np.maximum(np.cumsum(seg, axis=1) - 1, 0)
@@ -140,13 +140,13 @@ def test_logprobs_equal_target_logprobs_and_bf16_cache_mismatch():
     `model_logprobs` and the trainer's `target_logprobs` agree (fp32, <= 1e-4). A bf16 KV cache shifts them."""
     params = _peaked_params(CFG)
     ids, mask = pad_prompts(PROMPTS, pad_id=0, buckets=(8,))
-    out = sample(CFG, params, ids, mask, jax.random.key(3), n=4, max_new_tokens=8, eos_ids=())
-    _, target = _reference(CFG, params, ids, mask, out, 4)
+    out = sample(CFG, params, ids, mask, jax.random.key(3), n=16, max_new_tokens=5, eos_ids=())
+    _, target = _reference(CFG, params, ids, mask, out, 16)
     np.testing.assert_allclose(np.asarray(out.logprobs), target, atol=1e-4, rtol=0)
     np.testing.assert_allclose(np.asarray(out.model_logprobs), target, atol=1e-4, rtol=0)
-    bf = sample(CFG, params, ids, mask, jax.random.key(3), n=4, max_new_tokens=8, eos_ids=(),
+    bf = sample(CFG, params, ids, mask, jax.random.key(3), n=16, max_new_tokens=5, eos_ids=(),
                 cache_dtype=jnp.bfloat16)
-    _, target_bf = _reference(CFG, params, ids, mask, bf, 4)
+    _, target_bf = _reference(CFG, params, ids, mask, bf, 16)
     diff = np.abs(np.asarray(bf.model_logprobs) - target_bf)
     ratio = np.exp(np.asarray(bf.model_logprobs) - target_bf)
     print(f"bf16 KV cache vs fp32 target_logprobs: max |dlogp| {diff.max():.2e}, mean {diff.mean():.2e}, "
@@ -159,7 +159,7 @@ def test_n_samples_share_one_prefill():
     and the n rows of a prompt decode identically under greedy."""
     params = _peaked_params(CFG)
     ids, mask = pad_prompts(PROMPTS, pad_id=0, buckets=(8,))
-    run = lambda p, i, m: sample(CFG, p, i, m, jax.random.key(0), n=4, max_new_tokens=3, eos_ids=(),  # noqa: E731
+    run = lambda p, i, m: sample(CFG, p, i, m, jax.random.key(0), n=4, max_new_tokens=3, eos_ids=(),
                                  temperature=0.0)
     calls = [eqn for eqn in jax.make_jaxpr(run)(params, ids, mask).eqns if eqn.primitive.name in ("jit", "pjit")]
     names = [eqn.params["name"] for eqn in calls]
@@ -232,3 +232,25 @@ def test_sharded_greedy_equals_one_device():
     np.testing.assert_allclose(np.asarray(got.model_logprobs), np.repeat(np.asarray(ref.model_logprobs), 2, axis=0),
                                atol=1e-5, rtol=0)
     assert len(got.tokens.sharding.device_set) == 8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["unrolled", "scan"])
+def test_decode_loop_writes_the_cache_in_place(schedule):
+    """As `generate`'s loop (tests/test_decode_cache.py): in the compiled while_loop every instruction of a
+    cache buffer's shape is an in-place dynamic-update-slice of it; the n-fold repeat happens once, before."""
+    from test_decode_cache import CFG as DECODE_CFG
+    from test_decode_cache import NEW, SCHEDULES, _buffer_shapes, _Hlo
+
+    cfg = DECODE_CFG.replace(**SCHEDULES[schedule])
+    params = _peaked_params(cfg)
+    ids = np.ones((4, 8), np.int32)
+    prefilled = jax.eval_shape(functools.partial(sampler.prefill_prompts, cfg), params, ids, ids)
+    compiled = sampler.decode.lower(cfg, params, *prefilled, jax.random.key(0), n=2, max_new_tokens=NEW, eos=(1,),
+                                    stops=((3, 4),), temperature=1.0, top_k=None, top_p=0.9, min_p=None,
+                                    pad_id=0).compile()
+    hlo = _Hlo(compiled.as_text())
+    loop = hlo.while_body(carries=(8, NEW))
+    in_place, others = hlo.cache_writes(hlo.reachable(loop), _buffer_shapes(cfg, 8 + NEW))
+    assert others == [], f"instructions writing a whole cache buffer in the decode loop: {others}"
+    assert in_place == 2 * cfg.num_layers
