@@ -123,18 +123,45 @@ def truncate_logits(logits_BV, *, top_k: int | None = None, top_p: float | None 
     tied with the last kept one stay too.
     """
     if top_k is not None and top_k < logits_BV.shape[-1]:
-        kth = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
-        logits_BV = jnp.where(logits_BV < kth, -jnp.inf, logits_BV)
+        keys_BV = _ordered_keys(logits_BV)
+        kth = _smallest_passing(keys_BV, lambda t: (keys_BV > t).sum(axis=-1, keepdims=True) < top_k)
+        logits_BV = jnp.where(keys_BV < kth, -jnp.inf, logits_BV)
     if top_p is not None and top_p < 1.0:
-        sorted_BV = -jnp.sort(-logits_BV, axis=-1)
-        probs = jax.nn.softmax(sorted_BV, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs
-        cutoff = jnp.where(before < top_p, sorted_BV, jnp.inf).min(axis=-1, keepdims=True)
-        logits_BV = jnp.where(logits_BV < cutoff, -jnp.inf, logits_BV)
+        logits_BV = jnp.where(_below_nucleus(logits_BV, top_p), -jnp.inf, logits_BV)
     if min_p is not None and min_p > 0.0:
         top = logits_BV.max(axis=-1, keepdims=True)
         logits_BV = jnp.where(logits_BV < top + jnp.log(jnp.float32(min_p)), -jnp.inf, logits_BV)
     return logits_BV
+
+
+def _below_nucleus(logits_BV, top_p: float):
+    """The tokens top-p excludes: the kept ones have p >= p_m, p_m the smallest probability whose strictly
+    larger ones sum to < top_p."""
+    probs_BV = jax.nn.softmax(logits_BV, axis=-1)
+    keys_BV = _ordered_keys(probs_BV)
+    p_m = _smallest_passing(keys_BV, lambda t: jnp.where(keys_BV > t, probs_BV, 0.0).sum(axis=-1, keepdims=True) < top_p)
+    return keys_BV < p_m
+
+
+def _smallest_passing(keys_BV, passes):
+    """Per row, the smallest uint32 t with passes(t) (a [B, 1] bool, false at 0 and true at the row's largest
+    key, monotone in t), by bisection: 32 masked reductions over the vocabulary and exact, in place of a
+    sort or `lax.top_k` (XLA:CPU: 2/3 of a decode step for a [8, 2048] sort, 4 ms for top_k=50)."""
+
+    def halve(_, bounds):  # passes(hi), not passes(lo)
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        ok = passes(mid)
+        return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
+
+    hi = keys_BV.max(axis=-1, keepdims=True)
+    return jax.lax.fori_loop(0, 32, halve, (jnp.zeros_like(hi), hi))[1]
+
+
+def _ordered_keys(x):
+    """float32 -> uint32 with the same order (the sign bit flipped for positives, every bit for negatives)."""
+    b = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    return jnp.where(b >> 31 == 1, ~b, b | jnp.uint32(0x80000000))
 
 
 def argmax(logits_BV):

@@ -254,3 +254,18 @@ def test_decode_loop_writes_the_cache_in_place(schedule):
     in_place, others = hlo.cache_writes(hlo.reachable(loop), _buffer_shapes(cfg, 8 + NEW))
     assert others == [], f"instructions writing a whole cache buffer in the decode loop: {others}"
     assert in_place == 2 * cfg.num_layers
+
+
+def test_top_k_and_top_p_without_a_sort_equal_the_sorted_definitions():
+    """`truncate_logits`' bisections find the same top-k and nucleus as sorting, with ties (logits rounded
+    to 0.5: the tokens tied with the last kept one stay) and negative logits."""
+    from polmjax.generate import truncate_logits
+
+    logits = (np.round(np.random.RandomState(0).normal(0, 2, (64, 50)) * 2) / 2).astype(np.float32)
+    truncate = jax.jit(truncate_logits, static_argnames=("top_k", "top_p"))
+    for knob in [dict(top_k=1), dict(top_k=5), dict(top_k=49), dict(top_p=0.05), dict(top_p=0.5), dict(top_p=0.9),
+                 dict(top_p=0.999)]:
+        got = np.isfinite(np.asarray(truncate(logits, **knob)))
+        want = np.stack([_allowed(row, 1.0, **knob)[0] for row in logits])
+        np.testing.assert_array_equal(got, want, err_msg=str(knob))
+        assert 0 < got.sum() < got.size
