@@ -220,7 +220,8 @@ def test_prompt_buckets_compile_once():
 
 
 def test_sharded_greedy_equals_one_device():
-    """Mesh (2, 2, 2): rows over data x fsdp, heads over tensor; the same greedy tokens and log-probs."""
+    """Mesh (2, 2, 2): rows over data x fsdp, heads over tensor; the same greedy tokens and log-probs, and the
+    same samples at temperature 1 from the same key."""
     params = _peaked_params(CFG)
     ids, mask = pad_prompts(PROMPTS, pad_id=0, buckets=(8,))
     kw = dict(max_new_tokens=8, eos_ids=(), temperature=0.0)
@@ -232,6 +233,11 @@ def test_sharded_greedy_equals_one_device():
     np.testing.assert_allclose(np.asarray(got.model_logprobs), np.repeat(np.asarray(ref.model_logprobs), 2, axis=0),
                                atol=1e-5, rtol=0)
     assert len(got.tokens.sharding.device_set) == 8
+    kw = dict(n=16, max_new_tokens=5, eos_ids=())  # temperature 1 (the shapes of the log-prob test: one compile)
+    ref = sample(CFG, params, ids, mask, jax.random.key(3), **kw)
+    got = sample(CFG, sharded_params, ids, mask, jax.random.key(3), mesh=mesh, **kw)
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(ref.tokens))  # partitionable random bits
+    np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(ref.logprobs), atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow
