@@ -83,8 +83,8 @@ def test_loss_and_rewards_by_hand_against_another_reference():
     np.testing.assert_allclose(m["rewards/accuracies"], np.mean(r_c > r_r), rtol=1e-6)
 
 
-@pytest.mark.parametrize("loss, extra", [("sigmoid", {}), ("ipo", {}), ("simpo", {"gamma": 0.5}),
-                                         ("hinge", {})])
+@pytest.mark.parametrize("loss, extra", [("sigmoid", {}), pytest.param("ipo", {}, marks=pytest.mark.slow),
+                                         ("simpo", {"gamma": 0.5}), pytest.param("hinge", {}, marks=pytest.mark.slow)])
 def test_accumulation_equals_one_big_batch(loss, extra):
     params, optimizer = _setup()
     ref, _ = _setup(seed=1)
@@ -123,7 +123,8 @@ def test_missing_reference_is_named():
                  optimizer=optimizer, pairs_per_row=P)
 
 
-@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 8, 1)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [(2, 2, 2), pytest.param((1, 8, 1), marks=pytest.mark.slow)],
+                         ids=lambda s: "x".join(map(str, s)))
 def test_sharded_accumulated_step_equals_single_device(shape):
     """8 rows over 8 fake devices with grad_accum 4 (micro-batches of 2 rows) == one device, one batch."""
     from polmjax import mesh as mesh_lib

@@ -70,7 +70,7 @@ def _polmjax_scores(model, ids, pad=0):
     return (scores_BT * last).sum(1)
 
 
-@pytest.mark.parametrize("family", ["qwen3", "llama", "qwen2", "gemma2"])
+@pytest.mark.parametrize("family", ["qwen3", pytest.param("llama", marks=pytest.mark.slow), "qwen2", "gemma2"])
 def test_hf_seqcls_loads_and_saves_with_the_same_scores(tmp_path, family):
     hf = _hf_seqcls(family, tmp_path / "hf")
     ids = _padded_ids()
@@ -208,7 +208,8 @@ def test_grad_accum_2_equals_1(batch):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 8, 1)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [(2, 2, 2), pytest.param((1, 8, 1), marks=pytest.mark.slow)],
+                         ids=lambda s: "x".join(map(str, s)))
 def test_sharded_step_equals_single_device(batch, shape):
     opt = optax.adamw(1e-2)
     kw = {"model_cfg": RM_CFG, "optimizer": opt, "pairs_per_row": rm.pairs_per_row(SEQ_LEN), "pad_id": 0}

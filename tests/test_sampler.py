@@ -113,7 +113,8 @@ def test_temperature_one_matches_the_softmax():
     assert pvalue > 1e-3
 
 
-@pytest.mark.parametrize("truncation", [dict(top_k=5), dict(top_p=0.6), dict(min_p=0.2),
+@pytest.mark.parametrize("truncation", [dict(top_k=5), pytest.param(dict(top_p=0.6), marks=pytest.mark.slow),
+                                        pytest.param(dict(min_p=0.2), marks=pytest.mark.slow),
                                         dict(top_k=12, top_p=0.9, min_p=0.05)], ids=str)
 def test_truncation_keeps_to_the_allowed_set(truncation):
     """Every sampled token is in the allowed set computed from the full-forward logits, its `logprobs`
