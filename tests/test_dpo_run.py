@@ -34,6 +34,7 @@ def _rows(run_dir, split=None):
         return {r["step"]: r for r in map(json.loads, f) if r.get("split") == split}
 
 
+@pytest.mark.slow  # CI time: the resume test below also trains below ln 2
 def test_dpo_lowers_held_out_loss_and_ranks_pairs(tmp_path):
     dpo.run(_cfg(tmp_path, "train.steps=24", "train.eval_every=12", "train.save_every=24", "optim.lr=3e-3", "train.export_hf=true"))
     train, held_out = _rows(tmp_path), _rows(tmp_path, "eval")
@@ -79,6 +80,7 @@ def test_bad_settings_are_named(override, message):
         config_lib.load_experiment(TINY, [override])
 
 
+@pytest.mark.slow  # CI time: three runs
 def test_precomputed_reference_equals_the_reference_model_and_is_cached(tmp_path, caplog):
     """reference='precomputed' trains like reference='copy' (same losses, no reference forward), and a
     restarted run reads run_dir/reference_logps instead of recomputing it."""

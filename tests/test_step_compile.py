@@ -85,7 +85,7 @@ def test_sft_step_flops_on_v5p_match_the_analytic_count(capfd, tmp_path, remat):
 
 
 @pytest.mark.tpu_aot
-@pytest.mark.parametrize("reference", DPO_CASES)
+@pytest.mark.parametrize("reference", ["copy", pytest.param("none", marks=pytest.mark.slow)])
 def test_dpo_step_flops_on_v5p_match_the_analytic_count(capfd, tmp_path, reference):
     cfg = models.ModelConfig(**CFG)
     compiled = _compile(dpo.ALGORITHM, cfg, _v5p_mesh(), tmp_path, **DPO_CASES[reference])
