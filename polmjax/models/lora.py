@@ -26,6 +26,11 @@ def is_adapter(name: str) -> bool:
     return "_lora_" in name
 
 
+def has_adapters(params: dict) -> bool:
+    """Whether a parameter tree holds LoRA adapters (a reference without them runs with lora=None)."""
+    return any(is_adapter(k) for k in params.get("layers", {}))
+
+
 def add_adapters(model: Decoder, lora: LoraConfig, seed: int = 0) -> Decoder:
     """`model` with fresh adapters on lora.targets (A kaiming-uniform, B = 0: the function is unchanged)."""
     if model.config.lora is not None:

@@ -34,6 +34,7 @@ from polmjax.losses import PREFERENCE_LOSSES, implicit_rewards, sft_loss
 from polmjax.losses.segments import pair_sums
 from polmjax.models.config import LoraConfig, ModelConfig
 from polmjax.models.decoder import forward_hidden, target_logprobs
+from polmjax.models.lora import has_adapters
 from polmjax.mesh import make_mesh
 from polmjax.train import reference as reference_lib
 from polmjax.train import run as run_lib
@@ -109,7 +110,7 @@ class PairTerms:
         self.reference = reference if self.needs_reference else None
         self.precomputed = precomputed
         self.model_cfg, self.beta, self.pairs_per_row, self.mesh, self.rules = model_cfg, beta, pairs_per_row, mesh, rules
-        self.ref_cfg = (model_cfg.replace(lora=None) if reference is not None and not _has_lora(reference)
+        self.ref_cfg = (model_cfg.replace(lora=None) if reference is not None and not has_adapters(reference)
                         else model_cfg)
         kwargs = {"beta": beta, **(loss_kwargs or {})}
         self.kwargs = {k: v for k, v in kwargs.items() if k in params}
@@ -180,10 +181,6 @@ def _sequence_logprobs(lp_BT, mb, pairs_per_row: int, prefix: str) -> dict:
     if not prefix:
         out["valid"] = ((n_c > 0) & (n_r > 0)).astype(jnp.float32)
     return out
-
-
-def _has_lora(params: dict) -> bool:
-    return any(k.endswith(("_lora_a", "_lora_b")) for k in params.get("layers", {}))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from polmjax.losses import KTO_LOSSES
 from polmjax.losses.segments import pair_sums, sequence_sums
 from polmjax.models.config import LoraConfig, ModelConfig
 from polmjax.models.decoder import forward_hidden, target_logprobs
+from polmjax.models.lora import has_adapters
 from polmjax.train import run as run_lib
 from polmjax.train.config import MeshConfig, ModelSource, TrainConfig
 from polmjax.train.loop import LoopResult
@@ -120,7 +121,7 @@ class ExampleTerms:
             raise ValueError(f"loss {loss!r} needs a reference model; frozen['reference'] is None")
         self.fn, self.kl = KTO_LOSSES[loss], needs_kl(loss)
         self.model_cfg, self.reference, self.beta, self.slots_per_row = model_cfg, reference, beta, slots_per_row
-        self.ref_cfg = model_cfg if _has_lora(reference) else model_cfg.replace(lora=None)
+        self.ref_cfg = model_cfg if has_adapters(reference) else model_cfg.replace(lora=None)
         self.kwargs = {"beta": beta, "desirable_weight": desirable_weight, "undesirable_weight": undesirable_weight}
         self.mesh, self.rules = mesh, rules
 
@@ -190,10 +191,6 @@ def _micro_map(fn, batch: dict, grad_accum: int):
     micro = jax.tree.map(lambda x: x.reshape(grad_accum, B // grad_accum, *x.shape[1:]), batch)
     out = jax.lax.map(fn, micro)
     return jax.tree.map(lambda x: x.reshape(B, *x.shape[2:]), out)
-
-
-def _has_lora(params: dict) -> bool:
-    return any(k.endswith(("_lora_a", "_lora_b")) for k in params.get("layers", {}))
 
 
 # ----------------------------------------------------------------------------------------------
