@@ -64,6 +64,7 @@ def test_lora_reference_is_the_base_and_resume_is_exact(tmp_path):
     assert os.path.exists(os.path.join(out, "model.safetensors"))
 
 
+@pytest.mark.slow  # CI time: SimPO's step is covered by test_dpo_step and test_step_compile
 def test_reference_free_loss_runs_without_a_reference(tmp_path):
     result = dpo.run(_cfg(tmp_path, "train.steps=2", "loss=simpo", "reference=none", 'loss_kwargs={"gamma": 0.5}'))
     assert int(result.step) == 2 and "rewards/accuracies" in _rows(tmp_path)[2]
