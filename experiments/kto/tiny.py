@@ -20,9 +20,9 @@ def config() -> KTOExperiment:
     return KTOExperiment(
         model=ModelSource(path="runs/sft_tiny/export/hf"),
         data=DataConfig(path="toy:unpaired", packing="best_fit", eval_fraction=0.05),
-        train=TrainConfig(run_dir="runs/kto_tiny", steps=100, global_batch=16, seq_len=128, log_every=10,
-                          eval_every=25, eval_batches=2, save_every=50, keep=2),
-        optim=OptimConfig(name="adamw", lr=1e-4, schedule="cosine", warmup_steps=5, weight_decay=0.0),
+        train=TrainConfig(run_dir="runs/kto_tiny", steps=200, global_batch=16, seq_len=128, log_every=10,
+                          eval_every=100, eval_batches=5, save_every=100, keep=2),  # 5 batches: all 192 held-out
+        optim=OptimConfig(name="adamw", lr=1e-3, schedule="cosine", warmup_steps=5, weight_decay=0.0),
         mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
         loss="kto",
         beta=0.1,
