@@ -100,7 +100,10 @@ def test_accumulation_equals_one_big_batch(loss, extra):
                  one_state.params)
 
 
-def test_lora_reference_is_the_base_without_a_copy():
+@pytest.mark.parametrize("as_base", [True, False], ids=["base", "copy"])
+def test_lora_reference_is_the_base_without_a_copy_or_a_whole_copy(as_base):
+    """reference='base' is the base's own arrays; reference='copy' of a LoRA policy copies base and
+    adapters (the adapters alone were once copied, a reference without its base weights)."""
     from polmjax.models import lora as lora_lib
     from polmjax.models.config import LoraConfig
 
@@ -108,8 +111,11 @@ def test_lora_reference_is_the_base_without_a_copy():
 
     model = lora_lib.add_adapters(models.create(CFG, seed=0), cfg.lora, seed=0)
     trainable, base = lora_lib.split(model.params())
-    reference = reference_params(trainable, base, lora=True)
-    assert all(a is b for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(base)))
+    reference = reference_params(trainable, base, lora=as_base)
+    if as_base:
+        assert all(a is b for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(base)))
+    else:
+        assert set(reference["layers"]) == set(model.params()["layers"])
     optimizer = optax.adamw(1e-3)
     _, m = dpo_step(init_state(trainable, optimizer, 0), {"base": base, "reference": reference}, _pack(PAIRS),
                     model_cfg=model.config, optimizer=optimizer, pairs_per_row=P)

@@ -166,10 +166,10 @@ def _sorted_over_valid_pairs(fn, args: dict, valid_BP, kwargs: dict):
 
 def reference_params(trainable: dict, base: dict, lora: bool) -> dict:
     """The reference model's parameters at the start: the LoRA base with the adapters off (the same
-    arrays, no copy), or a copy of the initial policy for full fine-tuning."""
+    arrays, no copy), or a frozen copy of the whole initial policy (base and adapters combined)."""
     if lora:
         return base
-    return jax.tree.map(jnp.copy, trainable)
+    return jax.tree.map(jnp.copy, combine_params(trainable, base))
 
 
 def _sequence_logprobs(lp_BT, mb, pairs_per_row: int, prefix: str) -> dict:

@@ -48,6 +48,7 @@ from polmjax.models.config import LoraConfig, ModelConfig
 from polmjax.models.decoder import forward_hidden, target_logprobs
 from polmjax.models.lora import has_adapters
 from polmjax.train import run as run_lib
+from polmjax.train.dpo import reference_params
 from polmjax.train.config import MeshConfig, ModelSource, TrainConfig
 from polmjax.train.loop import LoopResult
 from polmjax.train.optim import OptimConfig
@@ -254,9 +255,8 @@ def pipeline(exp: KTOExperiment, data_cfg: DataConfig, tokenizer, split: str) ->
 def frozen_inputs(exp: KTOExperiment, trainable: dict, base: dict) -> dict:
     """The step's `frozen` argument: the LoRA base, and the reference (the base itself for LoRA runs with
     reference auto/base; else a copy of the whole initial policy)."""
-    if exp.reference == "base" or (exp.reference == "auto" and exp.lora):
-        return {"base": base, "reference": base}
-    return {"base": base, "reference": jax.tree.map(jnp.copy, combine_params(trainable, base))}
+    lora = exp.reference == "base" or (exp.reference == "auto" and exp.lora is not None)
+    return {"base": base, "reference": reference_params(trainable, base, lora=lora)}
 
 
 def jit_step(exp: KTOExperiment, model_cfg, optimizer, schedule, mesh, state_shardings, frozen_shardings,
