@@ -315,6 +315,62 @@ def test_bad_rows_name_file_row_and_field(tmp_path, tok):
     assert len(pairs_of(batches(pipe)[0])) == 23 and pipe.stats["dropped"]["cannot_tokenise"] == 1
 
 
+def test_margin_column_rides_on_both_sequences_of_its_pair(tmp_path, tok):
+    """Each pair's margin on all its tokens (0 on padding); packing moves it with the pair; resume keeps it."""
+    rows = [{"prompt": f"add {i} and 3\n", "chosen": str(i + 3), "rejected": "x" * (i % 5 + 1), "margin": i / 4}
+            for i in range(24)]
+    rows[5]["margin"] = 2  # an int is a number too
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    by_pair = {}
+    for r in rows:
+        ids = tokenize_preference(r, tok, SEQ_LEN // 2)
+        p = ids["prompt_ids"].tolist()
+        by_pair[(tuple(p + ids["chosen_ids"].tolist()), tuple(p + ids["rejected_ids"].tolist()))] = float(r["margin"])
+    pipe = pref(path, tok, num_epochs=1, pack_buffer=8)
+    got, _ = batches(pipe)
+    seen = 0
+    for b in got:
+        assert b["margin"].dtype == np.float32 and (b["margin"][b["segment_ids"] == 0] == 0).all()
+        for r in range(4):
+            for s in range(1, int(b["segment_ids"][r].max()) + 1, 2):
+                want = by_pair[(tuple(segment(b, r, s).tolist()), tuple(segment(b, r, s + 1).tolist()))]
+                assert (segment(b, r, s, "margin") == np.float32(want)).all()
+                assert (segment(b, r, s + 1, "margin") == np.float32(want)).all()
+                seen += 1
+    assert seen == 24
+    first, it = batches(pref(path, tok, num_epochs=2, pack_buffer=8), n=3)
+    rest, _ = batches(pref(path, tok, num_epochs=2, pack_buffer=8), state=it.get_state())
+    whole, _ = batches(pref(path, tok, num_epochs=2, pack_buffer=8))
+    for a, b in zip(first + rest, whole, strict=True):
+        np.testing.assert_array_equal(a["margin"], b["margin"])
+
+
+def test_margin_absent_or_defaulted_and_missing_rows_named(pairs, tmp_path, tok):
+    b = batches(pref(pairs, tok, num_epochs=1), n=1)[0][0]
+    assert "margin" not in b  # no column: no margin (DPO's batches)
+    pipe = PreferencePipeline(cfg(pairs, num_epochs=1), tok, global_batch=4, seq_len=SEQ_LEN, margin_default=0.0)
+    b = batches(pipe, n=1)[0][0]
+    assert b["margin"].dtype == np.float32 and not b["margin"].any()  # a reward model's margin-free loss
+
+    rows = [{"prompt": "p", "chosen": f"c{i}", "rejected": "r", "margin": 0.5} for i in range(6)]
+    del rows[3]["margin"]
+    rows[4]["margin"] = None  # null is missing too
+    path = tmp_path / "some.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"some\.jsonl row 4: field 'margin' is missing, but 4 of 6 rows have one"):
+        pref(path, tok)
+    rows[3]["margin"] = rows[4]["margin"] = "big"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"some\.jsonl row 4: field 'margin' must be a finite number, got 'big'"):
+        pref(path, tok)
+    csv = tmp_path / "m.csv"
+    csv.write_text("prompt,chosen,rejected,margin\np,c1,r,0.25\np,c2,r,\n")
+    with pytest.raises(DataError, match=r"m\.csv row 2: field 'margin' is missing, but 1 of 2 rows"):
+        pref(csv, tok)
+    assert load_records(str(csv)).rows[0]["margin"] == 0.25
+
+
 def test_each_pipeline_names_the_one_for_other_formats(pairs, tok, tmp_path):
     with pytest.raises(DataError, match="format 'preference' is not an SFT format.*goes to PreferencePipeline"):
         SFTPipeline(cfg(pairs), tok, global_batch=2, seq_len=32)

@@ -23,7 +23,7 @@ transformers = pytest.importorskip("transformers")
 from hf_models import build_hf_model, hf_config  # noqa: E402
 from polmjax import mesh as mesh_lib  # noqa: E402
 from polmjax import models  # noqa: E402
-from polmjax.data import DataConfig, PreferencePipeline, toy  # noqa: E402
+from polmjax.data import DataConfig, PreferencePipeline, tokenize_preference, toy  # noqa: E402
 from polmjax.models.config import ConfigError  # noqa: E402
 from polmjax.train import rm  # noqa: E402
 from polmjax.train.config import MeshConfig, ModelSource, TrainConfig  # noqa: E402
@@ -176,9 +176,14 @@ def _by_hand(params, batch, pad, margin_of=None, coefficient=None):
 
 
 def _step(params, batch, opt=optax.sgd(0.0), **kw):
+    return _jitted_step(opt, **kw)(init_state(params, opt, 0), {}, batch)
+
+
+@functools.cache
+def _jitted_step(opt, **kw):
+    """One jitted rm_step per optimizer and settings (compiled once per batch structure)."""
     kw = {"pairs_per_row": rm.pairs_per_row(SEQ_LEN), "pad_id": 0, **kw}
-    step = jax.jit(functools.partial(rm.rm_step, model_cfg=RM_CFG, optimizer=opt, **kw))
-    return step(init_state(params, opt, 0), {}, batch)
+    return jax.jit(functools.partial(rm.rm_step, model_cfg=RM_CFG, optimizer=opt, **kw))
 
 
 @pytest.mark.parametrize("variant", ["plain", "margin_and_centring"])
@@ -196,6 +201,42 @@ def test_rm_step_by_hand(tok, batch, variant):
     assert 0.1 < want["accuracy"] < 0.9 and abs(want["margin"]) > 1e-2  # a discriminating case
     for k, v in want.items():
         np.testing.assert_allclose(float(got[k]), v, atol=1e-5, rtol=1e-5, err_msg=k)
+
+
+def test_rm_step_with_the_data_margin_column_by_hand(tok, batch, tmp_path):
+    """A `margin` column goes through PreferencePipeline to the loss as TRL's −log σ(r_c − r_r − m), a mean
+    over the pairs (each pair's margin found by its tokens); a run's default margin 0 is the margin-free loss."""
+    path = toy.write_toy_preference_dataset(tmp_path / "pairs.jsonl", n=40, seed=1)  # the `batch` fixture's rows
+    rows = [json.loads(line) for line in open(path)]
+    margin_rows = [r | {"margin": round(float(m), 3)} for r, m in zip(rows, np.random.RandomState(0).uniform(-1, 2, 40))]
+    (tmp_path / "margins.jsonl").write_text("".join(json.dumps(r) + "\n" for r in margin_rows))
+    margin_by_pair = {}
+    for r in margin_rows:
+        ids = tokenize_preference(r, tok, max_len=SEQ_LEN // 2)
+        p = ids["prompt_ids"].tolist()
+        margin_by_pair[(tuple(p + ids["chosen_ids"].tolist()), tuple(p + ids["rejected_ids"].tolist()))] = r["margin"]
+    pipe = PreferencePipeline(DataConfig(path=str(tmp_path / "margins.jsonl"), num_epochs=1, packing="best_fit"), tok,
+                              global_batch=8, seq_len=SEQ_LEN)
+    b = next(iter(pipe))
+    with_margin = {k: b[k] for k in (*rm.BATCH_KEYS, rm.MARGIN_KEY)}
+    np.testing.assert_array_equal(with_margin["input_ids"], batch["input_ids"])  # the same pairs, now with margins
+
+    def margin_of(row, k):
+        seg = b["segment_ids"][row]
+        return margin_by_pair[(tuple(b["input_ids"][row][seg == 2 * k + 1].tolist()),
+                               tuple(b["input_ids"][row][seg == 2 * k + 2].tolist()))]
+
+    params = _params()
+    want = _by_hand(params, with_margin, tok.pad_token_id, margin_of)
+    _, got = _step(params, with_margin)
+    np.testing.assert_allclose(float(got["loss"]), want["loss"], atol=1e-5, rtol=1e-5)
+    _, plain = _step(params, batch)
+    assert abs(float(got["loss"]) - float(plain["loss"])) > 0.1  # the margins matter here
+    zero = PreferencePipeline(DataConfig(path=str(path), num_epochs=1, packing="best_fit"), tok, global_batch=8,
+                              seq_len=SEQ_LEN, margin_default=0.0)
+    zb = next(iter(zero))
+    _, got0 = _step(params, {k: zb[k] for k in (*rm.BATCH_KEYS, rm.MARGIN_KEY)})
+    np.testing.assert_allclose(float(got0["loss"]), float(plain["loss"]), atol=1e-7, rtol=0)
 
 
 def test_grad_accum_2_equals_1(batch):

@@ -9,8 +9,9 @@ id) and gives the loss and metrics of one batch of all rows via `compute_loss` (
 rightmost non-pad token). polmjax reads the same rows from JSONL through `PreferencePipeline` (all
 pairs packed into one global batch) and runs a jitted `rm_step` on the directory loaded by
 `models.from_pretrained`. Loss, accuracy, margin and mean reward agree to 1e-4: this checks
-tokenisation, packing, the pooled position (the last non-pad token), the loss with reward centring and
-the averaging over pairs together.
+tokenisation, packing, the pooled position (the last non-pad token), the loss with reward centring, the
+loss with a `margin` column (−log σ(r_c − r_r − m), TRL's collator stacking the column per pair) and the
+averaging over pairs together.
 
 Tokenizers: the toy ChatML one (pad `<pad>`, EOS = the end of turn `<|im_end|>`); one whose EOS differs
 from the end of turn; one without a pad token, where TRL pads with EOS (and so does the pipeline).
@@ -61,6 +62,9 @@ ROWS = [
 ]
 
 
+MARGINS = (0.5, -0.3, 1.0, 0.0, 2.0, -1.5)  # the `margin` column of the margin case, one per row
+
+
 class _Assets:
     """Per tokenizer variant: the tokenizer, the HF SeqCls directory, the polmjax batch and model, TRL
     trainers per centring coefficient; each built once per module."""
@@ -69,6 +73,8 @@ class _Assets:
         self.root = root
         with open(root / "rows.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in ROWS)
+        with open(root / "rows_margin.jsonl", "w") as f:
+            f.writelines(json.dumps(r | {"margin": m}) + "\n" for r, m in zip(ROWS, MARGINS, strict=True))
 
     @functools.cache
     def tokenizer(self, variant):
@@ -95,24 +101,27 @@ class _Assets:
         return path
 
     @functools.cache
-    def polmjax_inputs(self, variant):
-        pipe = PreferencePipeline(DataConfig(path=str(self.root / "rows.jsonl"), num_epochs=1),
-                                  self.tokenizer(variant), global_batch=2, seq_len=SEQ_LEN)
+    def polmjax_inputs(self, variant, margins=False):
+        rows = self.root / ("rows_margin.jsonl" if margins else "rows.jsonl")
+        pipe = PreferencePipeline(DataConfig(path=str(rows), num_epochs=1), self.tokenizer(variant), global_batch=2,
+                                  seq_len=SEQ_LEN)
         (batch,) = list(pipe)  # one global batch: the metrics are means over the same six pairs as TRL's
-        return {k: batch[k] for k in rm.BATCH_KEYS}, pipe.pairs_per_row, models.from_pretrained(self.model_dir(variant))
+        keys = (*rm.BATCH_KEYS, rm.MARGIN_KEY) if margins else rm.BATCH_KEYS
+        return {k: batch[k] for k in keys}, pipe.pairs_per_row, models.from_pretrained(self.model_dir(variant))
 
     @functools.cache
-    def trainer(self, variant, center_rewards_coefficient=None):
+    def trainer(self, variant, center_rewards_coefficient=None, margins=False):
         from datasets import Dataset
         from transformers import AutoModelForSequenceClassification
 
         model = AutoModelForSequenceClassification.from_pretrained(self.model_dir(variant), attn_implementation="eager",
                                                                    dtype=torch.float32)
-        args = trl.RewardConfig(output_dir=str(self.root / f"trl_{variant}_{center_rewards_coefficient}"),
+        args = trl.RewardConfig(output_dir=str(self.root / f"trl_{variant}_{center_rewards_coefficient}_{margins}"),
                                 per_device_train_batch_size=len(ROWS), learning_rate=0.0, max_length=None,
                                 center_rewards_coefficient=center_rewards_coefficient, use_cpu=True, report_to=[],
                                 bf16=False, seed=0)
-        return trl.RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(ROWS),
+        rows = [r | {"margin": m} for r, m in zip(ROWS, MARGINS, strict=True)] if margins else ROWS
+        return trl.RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                                  processing_class=self.tokenizer(variant))
 
 
@@ -124,6 +133,7 @@ def assets(tmp_path_factory):
 def _trl_metrics(trainer):
     """RewardTrainer's loss and logged metrics on one batch of all the rows."""
     batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(len(ROWS))]))
+    assert ("margin" in batch) == ("margin" in trainer.train_dataset.column_names)
     trainer.model.train()
     with torch.no_grad():
         loss = trainer.compute_loss(trainer.model, batch)
@@ -154,17 +164,17 @@ def test_tokenisation_matches_trl(assets, variant):
             assert list(ours["prompt_ids"]) + list(ours[f"{key}_ids"]) == want, (i, key, tok.decode(want))
 
 
-@pytest.mark.parametrize("variant, center_rewards_coefficient", [
-    ("toy", None), ("toy", 0.1),
-    pytest.param("eos_differs_from_end_of_turn", None, marks=pytest.mark.slow),
-    pytest.param("no_pad_token", 0.1, marks=pytest.mark.slow)])
-def test_first_step_matches_trl(assets, variant, center_rewards_coefficient):
-    want = _trl_metrics(assets.trainer(variant, center_rewards_coefficient))
+@pytest.mark.parametrize("variant, center_rewards_coefficient, margins", [
+    ("toy", None, False), ("toy", 0.1, False), ("toy", 0.1, True),
+    pytest.param("eos_differs_from_end_of_turn", None, False, marks=pytest.mark.slow),
+    pytest.param("no_pad_token", 0.1, False, marks=pytest.mark.slow)])
+def test_first_step_matches_trl(assets, variant, center_rewards_coefficient, margins):
+    want = _trl_metrics(assets.trainer(variant, center_rewards_coefficient, margins))
     tok = assets.tokenizer(variant)  # after TRL set its pad token (EOS when it had none), as TRL trains
-    got = _polmjax_metrics(assets.polmjax_inputs(variant), tok, center_rewards_coefficient)
+    got = _polmjax_metrics(assets.polmjax_inputs(variant, margins), tok, center_rewards_coefficient)
     assert got["pairs"] == len(ROWS)
     assert 0.0 < want["accuracy"] < 1.0 and abs(want["margin"]) > 1e-2  # a discriminating case
     diffs = {k: abs(got[k] - want[k]) for k in METRICS}
-    print(variant, center_rewards_coefficient, " ".join(f"{k}={v:.1e}" for k, v in diffs.items()))
+    print(variant, center_rewards_coefficient, margins, " ".join(f"{k}={v:.1e}" for k, v in diffs.items()))
     for k in METRICS:
-        assert diffs[k] <= TOL, (k, got[k], want[k])
+        assert diffs[k] <= (1e-5 if margins else TOL), (k, got[k], want[k])

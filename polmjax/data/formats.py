@@ -11,13 +11,16 @@ Formats (the column names TRL uses):
     prompt_completion  prompt, completion           strings, or lists of messages
     messages           messages                     a conversation: [{"role", "content"}, ...]
     preference         prompt, chosen, rejected     strings or message lists; without `prompt`,
-                                                    chosen/rejected share the prompt as a prefix
+                                                    chosen/rejected share the prompt as a prefix;
+                                                    optional `margin` (a number: TRL's RewardTrainer
+                                                    subtracts it inside its loss)
     unpaired           prompt, completion, label    label: bool (KTO)
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -201,7 +204,16 @@ def _preference(row: Mapping[str, Any]) -> dict[str, Any]:
         )
     if out["chosen"] == out["rejected"]:
         raise RowError("rejected", "is identical to 'chosen' (no preference signal)")
+    if "margin" in row and not _missing(row["margin"]):
+        out["margin"] = _number(row, "margin")
     return out
+
+
+def _number(row: Mapping[str, Any], field: str) -> float:
+    value = row[field]
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise RowError(field, f"must be a finite number, got {value!r}")
+    return float(value)
 
 
 def _implicit_prompt(chosen: Any, rejected: Any) -> dict[str, Any]:

@@ -29,6 +29,7 @@ DTYPES = {
     "positions": np.int32,
     "segment_ids": np.int32,
     "desirable": np.bool_,  # unpaired (KTO) label of the segment's example
+    "margin": np.float32,  # a preference pair's margin (the data's `margin` column), on both its sequences
     "record_ids": np.int32,  # the source record of each token (precomputing reference log-probs)
     "ref_logps": np.float32,  # precomputed reference log-prob of each target (polmjax.train.reference)
 }

@@ -91,7 +91,8 @@ class PackedPipeline:
     "train" split is shuffled and repeated per `cfg.num_epochs`; the "eval" split
     (cfg.eval_fraction of the rows) is read once, in order. A final partial batch is filled with
     padding rows (no loss). A kind of data sets FORMATS, FIELDS (the per-token fields packed),
-    MIN_SEQ_LEN, and overrides `_document` (and `_finish` for derived batch keys).
+    MIN_SEQ_LEN, and overrides `_document` (and `_finish` for derived batch keys, `_check_records`
+    for checks across rows).
     """
 
     FORMATS: tuple[str, ...] = ()
@@ -133,6 +134,7 @@ class PackedPipeline:
                 f"({', '.join(self.FORMATS)}); {self.records.format} data goes to "
                 f"{PIPELINE_OF_FORMAT[self.records.format]}"
             )
+        self._check_records()
         train, held_out = split_indices(len(self.records), cfg.eval_fraction, cfg.seed)
         self.indices = train if split == "train" else held_out
         if not len(self.indices):
@@ -200,6 +202,10 @@ class PackedPipeline:
             return None
         epochs = self.cfg.num_epochs if self.split == "train" else 1
         return math.ceil(len(self.indices) * epochs / self.global_batch)
+
+    def _check_records(self) -> None:
+        """Checks across the loaded rows (each row alone was validated by `formats.validate_row`);
+        raises DataError naming the file and row."""
 
     def _document(self, row: dict[str, Any]) -> tuple[dict[str, np.ndarray] | None, bool]:
         """A validated row -> (document of at most seq_len tokens, truncated?); (None, False) drops

@@ -23,6 +23,10 @@ process_count; every array [rows, seq_len]):
     pair_ids     int32    (process_index * rows + row) * pairs_per_row + k: unique in the global
                           batch (a static slot id, not a dense count); -1 on padding
     is_chosen    bool     True on the tokens of chosen sequences
+    margin       float32  only when the data has a `margin` column (or a margin_default is given):
+                          the pair's margin on the tokens of both its sequences, 0 on padding.
+                          TRL's RewardTrainer takes the column when present and then needs it on
+                          every row; so does the pipeline (a row without it raises, naming it)
 
 Static capacity: a kept sequence has >= 2 tokens (a response token is scored from the token
 before it; a sequence without a scored token drops its pair), so a row holds at most
@@ -97,8 +101,11 @@ class PreferencePipeline(PackedPipeline):
     KIND = "the preference"
     MIN_SEQ_LEN = 2 * MIN_SEQUENCE_TOKENS
 
-    def __init__(self, cfg, tokenizer, **kwargs):
+    def __init__(self, cfg, tokenizer, *, margin_default: float | None = None, **kwargs):
+        """margin_default: every pair's margin when the data has no `margin` column (a reward model
+        passes 0.0, the margin-free loss, so its batches always hold `margin`); None: no `margin` key then."""
         _check_response_config(cfg, type(self).__name__)
+        self.margin_default = margin_default
         super().__init__(cfg, tokenizer, **kwargs)
 
     @property
@@ -110,6 +117,23 @@ class PreferencePipeline(PackedPipeline):
         """Pair slots in the global batch: the static size of per-pair arrays over the whole batch."""
         return self.global_batch * self.pairs_per_row
 
+    def fingerprint(self) -> dict[str, Any]:
+        return super().fingerprint() | {"margin": "column" if self.has_margin_column else self.margin_default}
+
+    def _check_records(self):
+        """Margins on every row or on none (TRL collates the column of all rows or of none): sets
+        has_margin_column and adds the `margin` field when there are margins (or a default)."""
+        rows = self.records.rows
+        missing = [i for i, r in enumerate(rows) if "margin" not in r]
+        self.has_margin_column = len(missing) < len(rows)
+        if self.has_margin_column and missing:
+            raise DataError(
+                f"{self.records.where(missing[0])}: field 'margin' is missing, but {len(rows) - len(missing)} of "
+                f"{len(rows)} rows have one ({len(missing)} do not); give every pair a margin (0 for none) or "
+                "drop the column")
+        if self.has_margin_column or self.margin_default is not None:
+            self.FIELDS = (*self.FIELDS, "margin")
+
     def _document(self, row):
         max_len = self.seq_len // 2
         ids = tokenize_preference(row, self.tokenizer, max_len=_NO_LIMIT)
@@ -118,7 +142,10 @@ class PreferencePipeline(PackedPipeline):
             if self.cfg.truncation == "drop":
                 return None, False
             ids = tokenize_preference(row, self.tokenizer, max_len=max_len)
-        return pair_document(ids["prompt_ids"], ids["chosen_ids"], ids["rejected_ids"]), truncated
+        doc = pair_document(ids["prompt_ids"], ids["chosen_ids"], ids["rejected_ids"])
+        if "margin" in self.FIELDS:
+            doc["margin"] = np.full(len(doc["input_ids"]), row.get("margin", self.margin_default), np.float32)
+        return doc, truncated
 
     def _finish(self, batch):
         seg = batch["segment_ids"]

@@ -6,7 +6,8 @@ name the file and row. Row numbers are 1-based and, in JSONL files, equal the li
 lines count), so "row 17" is what an editor shows as line 17. Supported sources:
 
     *.jsonl / *.json / *.parquet / *.csv    a local file (CSV cells are read as strings; a
-                                            'label' cell true/false/1/0 becomes a bool)
+                                            'label' cell true/false/1/0 becomes a bool, a
+                                            'margin' cell a number, an empty one missing)
     a directory                             written by `datasets.Dataset(Dict).save_to_disk`
     anything else                           a hub dataset name, via `datasets.load_dataset`
                                             (needs network access; HF_HUB_OFFLINE=1 forbids it)
@@ -211,12 +212,22 @@ def _open_csv(path: str) -> tuple[str, list[str], RawRows]:
                 item.pop(None, None)  # cells beyond the header
                 if isinstance(item.get("label"), str):
                     item["label"] = _CSV_BOOLS.get(item["label"].strip().lower(), item["label"])
+                if isinstance(item.get("margin"), str):
+                    item["margin"] = _csv_number(item["margin"])
                 yield row, item
 
     return path, header, rows()
 
 
 _CSV_BOOLS = {"true": True, "false": False, "1": True, "0": False}
+
+
+def _csv_number(cell: str) -> float | str | None:
+    """A numeric CSV cell as a float; an empty one as missing; anything else as it is (validation names it)."""
+    try:
+        return float(cell) if cell.strip() else None
+    except ValueError:
+        return cell
 
 
 def _open_saved(path: str, split: str) -> tuple[str, list[str], RawRows]:

@@ -15,8 +15,10 @@ the EOS id, as TRL sets it for tokenizers without a pad token, that is the token
 chosen) and 2k+2 (prompt + rejected), so both go through one forward and a pair never straddles
 micro-batches or devices. Every pair weighs 1 / (valid pairs in the global batch), fixed before the
 batch is split into micro-batches (`polmjax.train.step.update`), so gradient accumulation is exact.
-Loss: `polmjax.losses.bradley_terry` (minus an optional per-pair margin), plus
-`center_rewards` (TRL's `center_rewards_coefficient`). Metrics use TRL's names (accuracy, margin,
+Loss: `polmjax.losses.bradley_terry`, −log σ(r_c − r_r − m) with the pair's margin m from the data's
+`margin` column (as TRL's RewardTrainer; the pipeline needs it on every row or on none, and m = 0
+without the column, which is the margin-free loss), plus `center_rewards` (TRL's
+`center_rewards_coefficient`). Metrics use TRL's names (accuracy, margin,
 mean_reward) plus rewards/chosen and rewards/rejected.
 """
 
@@ -45,7 +47,8 @@ from polmjax.train.state import TrainState, combine_params
 from polmjax.train.step import update
 
 BATCH_KEYS = ("input_ids", "loss_mask", "positions", "segment_ids")
-# optional per-token column: the pair's margin m in -log sigma(r_c - r_r - m), read at the chosen sequence
+# the pair's margin m in -log sigma(r_c - r_r - m) on the tokens of its sequences (PreferencePipeline),
+# read at the chosen sequence's pooled token; optional for rm_step, always in a run's batches (0 by default)
 MARGIN_KEY = "margin"
 
 
@@ -212,7 +215,8 @@ def run(exp: RMExperiment, *, allow_config_change: bool = False) -> LoopResult:
 
 def pipeline(exp: RMExperiment, data_cfg: DataConfig, tokenizer, split: str) -> PreferencePipeline:
     return PreferencePipeline(data_cfg, tokenizer, global_batch=exp.train.global_batch, seq_len=exp.train.seq_len,
-                              split=split, process_index=jax.process_index(), process_count=jax.process_count())
+                              split=split, process_index=jax.process_index(), process_count=jax.process_count(),
+                              margin_default=0.0)
 
 
 def jit_step(exp: RMExperiment, model_cfg, optimizer, schedule, mesh, state_shardings, frozen_shardings,
@@ -252,6 +256,6 @@ def _pad_id(exp: RMExperiment) -> int | None:
 
 
 ALGORITHM = run_lib.Algorithm(
-    name="rm", batch_keys=BATCH_KEYS, pipeline=pipeline, jit_step=jit_step, eval_sums=eval_sums,
+    name="rm", batch_keys=(*BATCH_KEYS, MARGIN_KEY), pipeline=pipeline, jit_step=jit_step, eval_sums=eval_sums,
     eval_metrics=eval_metrics, toy_data={"toy:preference": ("preference", toy.write_toy_preference_dataset)},
 )
