@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_models import VOCAB, build_hf_model, hf_logits
+from hf_models import VOCAB, build_hf_model, hf_config, hf_logits
 
 from polmjax import models
 from polmjax.models import lora as lora_lib
@@ -64,6 +64,28 @@ def test_peft_adapter_loads_in_peft(base_dir, tmp_path):
     with torch.no_grad():
         ref = peft_model(input_ids=torch.as_tensor(ids)).logits.numpy()
     np.testing.assert_allclose(np.asarray(model(ids)), ref, atol=1e-4, rtol=0)
+
+
+def test_seqcls_head_trains_with_the_adapters_and_saves_in_peft(tmp_path):
+    """A sequence classifier's score head is trainable next to the adapters (PEFT's SEQ_CLS modules_to_save)
+    and the PEFT adapter carries it: PEFT on the base classifier scores as polmjax does."""
+    import peft
+    import transformers
+
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForSequenceClassification.from_config(hf_config("qwen3", num_labels=1),
+                                                                     attn_implementation="eager")
+    hf.save_pretrained(tmp_path / "base")
+    model = models.from_pretrained(tmp_path / "base", lora=LoraConfig(rank=4, targets=("q", "up")))
+    trainable, base = lora_lib.split(model.params())
+    assert set(trainable) == {"layers", "score"} and "score" not in base and "q" in base["layers"]
+    model = _trained(model)  # the head moves too
+    lora_lib.save_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "base"))
+    peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    ids = np.random.RandomState(4).randint(3, VOCAB, (2, 10))  # no pad id: HF pools the last token
+    with torch.no_grad():
+        ref = peft_model(input_ids=torch.as_tensor(ids)).logits.numpy()[:, 0]
+    np.testing.assert_allclose(np.asarray(model(ids))[:, -1, 0], ref, atol=1e-4, rtol=0)
 
 
 def test_bf16_base_keeps_fp32_adapters(base_dir):

@@ -325,6 +325,62 @@ def test_rm_run_exports_a_seqcls_directory_that_transformers_scores_the_same(tmp
 
 
 @pytest.mark.slow
+def test_lora_rm_trains_adapters_and_head_and_exports_what_transformers_and_peft_score(tmp_path):
+    """A LoRA reward model trains its adapters and its score head (PEFT's SEQ_CLS modules_to_save), leaves the
+    base alone, exports a merged SeqCls model that `transformers` scores as `rm.score` scores the LoRA model,
+    and a PEFT adapter (with the head) that PEFT loads onto the initial model with the same scores."""
+    import peft
+
+    from polmjax.models import lora as lora_lib
+    from polmjax.models.config import LoraConfig
+    from polmjax.train.state import combine_params
+
+    exp = _tiny_experiment(tmp_path / "run", steps=3)
+    exp = dataclasses.replace(exp, lora=LoraConfig(rank=4, alpha=8, targets=("q", "v", "up")),
+                              optim=dataclasses.replace(exp.optim, lr=1e-2))
+    result = rm.run(exp)
+    trained = jax.device_get(result.state.params)
+    assert set(trained) == {"layers", "score"} and all(lora_lib.is_adapter(k) for k in trained["layers"])
+    out = tmp_path / "run" / "export"
+    tok = transformers.AutoTokenizer.from_pretrained(out / "hf")
+    mesh = mesh_lib.make_mesh(exp.mesh.data, exp.mesh.fsdp, exp.mesh.tensor)  # the run's: init rounds per sharding
+    initial = rm.run_lib.load_model(exp.model, exp.lora, tok, mesh, exp.train.seed)
+    adapters0, base = lora_lib.split(initial.params())
+    assert np.abs(trained["score"] - np.asarray(adapters0["score"])).max() > 1e-3  # the head learned
+    assert np.abs(trained["layers"]["q_lora_b"]).max() > 1e-4  # so did the adapters (B starts at 0)
+
+    merged = models.from_pretrained(out / "hf")
+    flat_merged, flat_base = models.decoder.flatten(merged.params()), models.decoder.flatten(base)
+    assert set(flat_merged) == set(flat_base) | {"score"}
+    for name, value in flat_base.items():  # the base is untouched: only the adapted projections move, by A B
+        same = np.array_equal(np.asarray(flat_merged[name]), np.asarray(value))
+        assert same == (name not in ("layers/q", "layers/v", "layers/up")), name
+
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "data" / "preference.jsonl")][:4]
+    prompts, completions = [r["prompt"] for r in rows] * 2, [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
+    lora_model = models.Decoder(initial.config, combine_params(trained, base))
+    ours = rm.score(lora_model, tok, prompts, completions, batch_size=8)
+    texts = [tok.apply_chat_template(p + c, tokenize=False) for p, c in zip(prompts, completions)]
+    enc = tok(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(out / "hf", attn_implementation="eager")
+    with torch.no_grad():
+        np.testing.assert_allclose(hf.eval()(**enc).logits[:, 0].numpy(), ours, atol=1e-4, rtol=0)
+
+    models.save_pretrained(models.Decoder(initial.config.replace(lora=None), base | {"score": adapters0["score"]}),
+                           tmp_path / "base")
+    config = json.load(open(out / "adapter" / "adapter_config.json"))
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]
+    base_hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "base",
+                                                                              attn_implementation="eager")
+    base_hf.config.pad_token_id = tok.pad_token_id  # where it pools (the run's export writes it; save_pretrained not)
+    with torch.no_grad():
+        peft_model = peft.PeftModel.from_pretrained(base_hf, out / "adapter").eval()
+        np.testing.assert_array_equal(peft.get_peft_model_state_dict(peft_model)["base_model.model.score.weight"].numpy(),
+                                      trained["score"].T)  # the trained head, not the base's
+        np.testing.assert_allclose(peft_model(**enc).logits[:, 0].numpy(), ours, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
 def test_tiny_experiment_ranks_held_out_pairs(tmp_path):
     """experiments/rm/tiny.py as shipped (only run_dir changed) ranks held-out pairs: accuracy >= 0.8 at the end.
 

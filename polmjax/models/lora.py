@@ -2,7 +2,9 @@
 
 Adapters are ordinary entries of the layer parameter dict (`layers/q_lora_a` [L, D, r], `layers/q_lora_b`
 [L, r, H, K], ...), float32 whatever the base dtype, so the forward needs no second model type and a
-bf16 base stays bf16. The trainer optimises `trainable(params)` and keeps `frozen(params)` apart.
+bf16 base stays bf16. The trainer optimises the first part of `split(params)` and keeps the second
+(the base) apart. A sequence classifier's `score` head is trained whole next to the adapters, as PEFT
+does for its SEQ_CLS task (`modules_to_save`): a reward model's new head must learn.
 """
 
 from __future__ import annotations
@@ -20,10 +22,17 @@ from polmjax.models.decoder import PROJECTIONS, Decoder, flatten, init_params, p
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# parameters a LoRA run trains whole (PEFT's modules_to_save; our names are HF's module names here)
+MODULES_TO_SAVE = ("score",)
 
 
 def is_adapter(name: str) -> bool:
     return "_lora_" in name
+
+
+def is_trainable(name: str) -> bool:
+    """Whether a LoRA run trains the parameter (a flattened name): an adapter or a module saved whole."""
+    return is_adapter(name) or name in MODULES_TO_SAVE
 
 
 def has_adapters(params: dict) -> bool:
@@ -50,10 +59,11 @@ def add_adapters(model: Decoder, lora: LoraConfig, seed: int = 0) -> Decoder:
 
 
 def split(params: dict) -> tuple[dict, dict]:
-    """(adapters, base) of a nested parameter dict; `combine` inverts it."""
+    """(trainable, base) of a nested parameter dict: the adapters (and a score head, `MODULES_TO_SAVE`)
+    and the frozen rest; `combine` inverts it."""
     flat = flatten(params)
-    return (unflatten({k: v for k, v in flat.items() if is_adapter(k)}),
-            unflatten({k: v for k, v in flat.items() if not is_adapter(k)}))
+    return (unflatten({k: v for k, v in flat.items() if is_trainable(k)}),
+            unflatten({k: v for k, v in flat.items() if not is_trainable(k)}))
 
 
 def combine(adapters: dict, base: dict) -> dict:
@@ -76,7 +86,10 @@ def merge(model: Decoder) -> Decoder:
 
 
 def save_peft_adapter(model: Decoder, out_dir: str, base_model_name_or_path: str = "") -> None:
-    """Write adapter_config.json + adapter_model.safetensors that `peft.PeftModel.from_pretrained` loads."""
+    """Write adapter_config.json + adapter_model.safetensors that `peft.PeftModel.from_pretrained` loads.
+
+    A sequence classifier's adapter is PEFT's SEQ_CLS task with its trained `score` head saved whole
+    (modules_to_save), to load onto the base `*ForSequenceClassification` (whose head it replaces)."""
     from polmjax.models.safetensors_io import write_file
 
     lora = model.config.lora
@@ -93,17 +106,21 @@ def save_peft_adapter(model: Decoder, out_dir: str, base_model_name_or_path: str
             prefix = f"base_model.model.model.layers.{i}.{module}"
             tensors[f"{prefix}.lora_A.weight"] = a[i].reshape(-1, lora.rank).T.astype(np.float32)  # [r, in]
             tensors[f"{prefix}.lora_B.weight"] = b[i].reshape(lora.rank, -1).T.astype(np.float32)  # [out, r]
+    saved = [name for name in MODULES_TO_SAVE if name in flat]
+    for name in saved:  # score [D, num_labels] -> HF's [num_labels, D], in its own dtype
+        tensors[f"base_model.model.{name}.weight"] = mesh_lib.host_local_array(flat[name]).T
     if jax.process_index() != 0:
         return
     os.makedirs(out_dir, exist_ok=True)
     plan = [(k, v.shape, v.dtype) for k, v in tensors.items()]
     write_file(os.path.join(out_dir, ADAPTER_WEIGHTS), plan, tensors.__getitem__)
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "peft_type": "LORA", "task_type": "SEQ_CLS" if cfg.num_labels else "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
         "r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
         "target_modules": sorted(PEFT_MODULE_NAMES[t] for t in lora.targets), "bias": "none",
         "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
-        "use_dora": False, "modules_to_save": None, "layers_to_transform": None, "rank_pattern": {},
+        "use_dora": False, "modules_to_save": saved or None, "layers_to_transform": None, "rank_pattern": {},
         "alpha_pattern": {},
     }
     with open(os.path.join(out_dir, ADAPTER_CONFIG), "w") as f:

@@ -181,6 +181,8 @@ class RMExperiment:
     The model is a reward model: `model.num_labels` 0 (the default) becomes 1, so `model.path` may be
     a causal LM (a new head) or a `*ForSequenceClassification` checkpoint (its head).
     center_rewards_coefficient: TRL's reward centring (Eisenstein et al. 2023); None = off.
+    lora: adapters on the decoder, with the score head trained whole (PEFT's SEQ_CLS `modules_to_save`);
+    the export holds the merged `*ForSequenceClassification` and the PEFT adapter with the head.
     """
 
     model: ModelSource
@@ -198,9 +200,6 @@ class RMExperiment:
     def validate(self):
         if self.model.num_labels != 1:
             raise ValueError(f"model.num_labels={self.model.num_labels}: a reward model has one output (1)")
-        if self.lora is not None:
-            raise ValueError("lora: LoRA reward models are not supported yet (the score head would stay frozen); "
-                             "remove lora for full fine-tuning")
         if self.train.sample_prompts:
             raise ValueError("train.sample_prompts: a reward model does not generate text; leave it empty")
         if self.train.eval_every and not self.data.eval_fraction:
