@@ -3,6 +3,7 @@
   polmjax sft EXPERIMENT.py [--set key=value ...]   supervised fine-tuning (resumes from run_dir if present)
   polmjax dpo EXPERIMENT.py [--set key=value ...]   DPO and its family (loss= in the experiment), same contract
   polmjax kto EXPERIMENT.py [--set key=value ...]   KTO / unpaired APO-zero on prompt/completion/label data
+  polmjax grpo EXPERIMENT.py [--set key=value ...]  GRPO family RL: sample, verify, update, in one program
   polmjax export RUN_DIR [--step N] [--out DIR]    a checkpoint as an HF model directory (+ PEFT adapter)
   polmjax demo [--out DIR]              build a tiny Llama-style model, save it as an HF directory, reload it
                                         sharded over every local device, compare its logits with
@@ -28,7 +29,8 @@ from polmjax.errors import USER_ERROR, UserError
 ALGORITHMS = {"sft": ("polmjax.train.sft", "SFTExperiment", "run"),
               "dpo": ("polmjax.train.dpo", "DPOExperiment", "run"),
               "rm": ("polmjax.train.rm", "RMExperiment", "run"),
-              "kto": ("polmjax.train.kto", "KTOExperiment", "run")}
+              "kto": ("polmjax.train.kto", "KTOExperiment", "run"),
+              "grpo": ("polmjax.train.grpo", "GRPOExperiment", "run")}
 PREEMPTED = 3
 
 

@@ -15,6 +15,8 @@ Formats (the column names TRL uses):
                                                     optional `margin` (a number: TRL's RewardTrainer
                                                     subtracts it inside its loss)
     unpaired           prompt, completion, label    label: bool (KTO)
+    prompt             prompt (+ any other fields)  RL prompts: the other fields (e.g. `answer`) are
+                                                    kept for the reward functions
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ FORMATS: dict[str, tuple[str, ...]] = {
     "messages": ("messages",),
     "preference": ("prompt", "chosen", "rejected"),
     "unpaired": ("prompt", "completion", "label"),
+    "prompt": ("prompt",),
 }
 SFT_FORMATS = ("text", "prompt_completion", "messages")
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -55,10 +58,11 @@ def detect_format(columns: Iterable[str], source: str = "dataset") -> str:
 
     A format whose columns are a strict subset of another matching format's loses (prompt,
     completion, label is `unpaired`, not `prompt_completion`). `chosen` + `rejected` without
-    `prompt` is the implicit-prompt `preference` form. Extra columns are ignored.
+    `prompt` is the implicit-prompt `preference` form. Extra columns are ignored. The `prompt`
+    format (RL prompts) is never detected: the RL prompt source asks for it.
     """
     cols = set(columns)
-    signatures = {fmt: set(keys) for fmt, keys in FORMATS.items()}
+    signatures = {fmt: set(keys) for fmt, keys in FORMATS.items() if fmt != "prompt"}  # RL prompts: asked for
     signatures["preference"] = {"chosen", "rejected"}
     matches = [fmt for fmt, keys in signatures.items() if keys <= cols]
     matches = [m for m in matches if not any(signatures[m] < signatures[o] for o in matches)]
@@ -103,6 +107,11 @@ def validate_row(row: Mapping[str, Any], fmt: str) -> dict[str, Any]:
         return out
     if fmt == "preference":
         return _preference(row)
+    if fmt == "prompt":
+        prompt = _text_or_messages(row, "prompt", allow_empty=False)
+        if isinstance(prompt, list) and prompt[-1]["role"] == "assistant":
+            raise RowError("prompt", "ends with an assistant message; an RL prompt is what the model answers")
+        return {**{k: v for k, v in row.items() if k != "prompt"}, "prompt": prompt}
     raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 

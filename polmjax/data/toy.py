@@ -146,6 +146,20 @@ def write_toy_preference_dataset(
     return str(path)
 
 
+def write_toy_rl_dataset(path: str | os.PathLike, n: int = 2000, seed: int = 0, format: str = "prompt") -> str:
+    """Writes `n` toy tasks as JSONL RL prompts with a verifiable answer: `prompt` (a user message list)
+    and `answer` (the exact expected reply, scored by `polmjax.rl.rewards.exact_match_reward`); the
+    signature fits `Algorithm.toy_data` writers. Returns the path."""
+    if format != "prompt":
+        raise ValueError(f"format must be 'prompt', got {format!r}")
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            prompt, answer = _task(rng)
+            f.write(json.dumps({"prompt": [{"role": "user", "content": prompt}], "answer": answer}) + "\n")
+    return str(path)
+
+
 def _task(rng: random.Random) -> tuple[str, str]:
     kind = rng.choice(("add", "reverse", "sort"))
     if kind == "add":

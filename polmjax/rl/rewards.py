@@ -10,6 +10,7 @@ sum and the means). Built in:
   `verify(gold, prediction)`), or by the small built-in extractor (`\\boxed{}`, `#### 42`, `<answer>`,
   the last number; integers, decimals, fractions a/b and `\\frac{a}{b}` compared exactly) when
   math-verify is not installed;
+- `exact_match_reward`: the stripped completion is exactly the gold `answer`;
 - `format_reward`: `<think>...</think><answer>...</answer>` (DeepSeek-R1's template);
 - `overlong_reward` / `overlong`: DAPO's soft over-length punishment, on token lengths;
 - `reasoning_gym_reward`: a reasoning-gym task scored by the dataset's own `score_answer`.
@@ -211,6 +212,12 @@ def math_reward(prompts, completions, answer=None, *, solution=None, backend: st
             continue
         out.append(float(verify(gold_parsed, parse(completion, extraction_mode="first_match"))))
     return out
+
+
+def exact_match_reward(prompts, completions, answer, **_) -> list[float]:
+    """1.0 if the completion, stripped of surrounding whitespace, is exactly the gold `answer`, else 0.0
+    (tasks with one right string, e.g. the toy tasks of `polmjax.data.toy`)."""
+    return [float(c.strip() == str(a).strip()) for c, a in zip(completions, answer, strict=True)]
 
 
 def format_reward(prompts, completions, **_) -> list[float]:

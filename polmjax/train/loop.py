@@ -47,14 +47,14 @@ def train_loop(
     """Run `step_fn` until `total_steps`, resuming from the newest readable checkpoint if there is one."""
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     restored = checkpointer.restore(abstract)
-    if restored is not None:
+    if restored is not None:  # the checkpoint's step: loop steps (an RL step may hold several updates)
         step, state, extra = restored
         batches.set_state(extra["data"])
         logger.truncate_after(step)
         log.info("resumed from step %d", step)
     else:
         logger.truncate_after(0)  # a run killed before its first checkpoint starts over
-    step = int(jax.device_get(state.step))
+        step = int(jax.device_get(state.step))
     logger.start(step)
     guard = PreemptionGuard()
     last_time, last_step = time.perf_counter(), step
@@ -67,8 +67,9 @@ def train_loop(
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 now = time.perf_counter()
                 rate = (step - last_step) / max(now - last_time, 1e-9)
-                metrics["tokens_per_s"] = rate * tokens_per_step
-                if peak_flops:
+                if tokens_per_step:
+                    metrics["tokens_per_s"] = rate * tokens_per_step
+                if peak_flops and flops_per_step:
                     metrics["mfu"] = rate * flops_per_step / (peak_flops * jax.device_count())
                 logger.log(step, metrics)
                 last_time, last_step = time.perf_counter(), step

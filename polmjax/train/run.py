@@ -59,6 +59,12 @@ class Algorithm:
     frozen(exp, trainable, base): the `frozen` argument of the step and eval, built once from the
       initial trainable parameters and the frozen LoRA base (default: the base itself). DPO puts its
       reference model here.
+    rollout(exp, model_cfg, tokenizer, mesh, step_fn, frozen, batches): for RL, an object whose
+      `step(state, host_batch) -> (state, metrics)` replaces the jitted step in the loop: it generates
+      its training batch from the current state (and may draw more from `batches`) and calls `step_fn`;
+      `evaluate(params, eval_pipeline) -> metrics` replaces eval_sums; `close()` at the end.
+    updates_per_step(exp): optimizer updates per loop step (RL: iterations x mini-batches), for the
+      learning-rate schedule's horizon (default 1).
     """
 
     name: str
@@ -69,6 +75,8 @@ class Algorithm:
     eval_metrics: Callable
     toy_data: dict = dataclasses.field(default_factory=dict)
     frozen: Callable | None = None
+    rollout: Callable | None = None
+    updates_per_step: Callable | None = None
 
 
 def run(exp: Any, algorithm: Algorithm, *, allow_config_change: bool = False) -> LoopResult:
@@ -84,7 +92,8 @@ def run(exp: Any, algorithm: Algorithm, *, allow_config_change: bool = False) ->
     mesh = make_mesh(exp.mesh.data, exp.mesh.fsdp, exp.mesh.tensor)
     tokenizer = load_tokenizer(exp.model, tc.run_dir)
     data_cfg = resolve_toy_data(exp.data, tc.run_dir, tc.seed, algorithm.toy_data)
-    cfg, state, frozen, optimizer, schedule = initial_state(exp, tokenizer, mesh)
+    updates = algorithm.updates_per_step(exp) if algorithm.updates_per_step else 1
+    cfg, state, frozen, optimizer, schedule = initial_state(exp, tokenizer, mesh, updates_per_step=updates)
     step_frozen = algorithm.frozen(exp, state.params, frozen) if algorithm.frozen else frozen
 
     pipe = algorithm.pipeline(exp, data_cfg, tokenizer, "train")
@@ -94,29 +103,43 @@ def run(exp: Any, algorithm: Algorithm, *, allow_config_change: bool = False) ->
     frozen_shardings = jax.tree.map(lambda x: x.sharding, step_frozen)
     step_fn = algorithm.jit_step(exp, cfg, optimizer, schedule, mesh, state_shardings(state), frozen_shardings,
                                  batch_shardings)
+    batches = iter(pipe)
 
     def put_batch(batch):
         return {k: jax.make_array_from_process_local_data(batch_sharding, batch[k]) for k in keys}
 
+    def step(state, batch):
+        return step_fn(state, step_frozen, batch)
+
+    rollout = None
+    if algorithm.rollout is not None:  # RL: the step generates its own batch from the current state
+        rollout = algorithm.rollout(exp, cfg, tokenizer, mesh, step_fn, step_frozen, batches)
+        step, put_batch = rollout.step, _host_batch
+
     eval_fn = None
     if tc.eval_every:
         eval_pipe = algorithm.pipeline(exp, data_cfg, tokenizer, "eval")
-        eval_sums = jax.jit(algorithm.eval_sums(exp, cfg, mesh))
+        if rollout is not None:
+            def eval_fn(state):
+                return rollout.evaluate(state.params, eval_pipe)
+        else:
+            eval_sums = jax.jit(algorithm.eval_sums(exp, cfg, mesh))
 
-        def eval_fn(state):
-            return algorithm.eval_metrics(evaluate(state.params, step_frozen, eval_pipe, put_batch, tc.eval_batches,
-                                                   eval_sums))
+            def eval_fn(state):
+                return algorithm.eval_metrics(evaluate(state.params, step_frozen, eval_pipe, put_batch,
+                                                       tc.eval_batches, eval_sums))
 
     logger = MetricsLogger(tc.run_dir, total_steps=tc.steps, use_tensorboard=tc.tensorboard,
                            wandb_project=tc.wandb_project, config=config_lib.to_dict(exp), is_writer=is_writer)
     checkpointer = Checkpointer(os.path.abspath(os.path.join(tc.run_dir, "checkpoints")),
                                 save_every=tc.save_every, keep=tc.keep, async_save=tc.async_save)
     try:
+        tokens = 0 if rollout is not None else tc.global_batch * tc.seq_len  # RL logs its own rates
         result = train_loop(
-            state=state, step_fn=lambda s, b: step_fn(s, step_frozen, b), batches=iter(pipe), put_batch=put_batch,
+            state=state, step_fn=step, batches=batches, put_batch=put_batch,
             total_steps=tc.steps, checkpointer=checkpointer, logger=logger, log_every=tc.log_every,
-            eval_every=tc.eval_every, eval_fn=eval_fn, tokens_per_step=tc.global_batch * tc.seq_len,
-            flops_per_step=train_flops_per_token(cfg, tc.seq_len) * tc.global_batch * tc.seq_len,
+            eval_every=tc.eval_every, eval_fn=eval_fn, tokens_per_step=tokens,
+            flops_per_step=train_flops_per_token(cfg, tc.seq_len) * tokens,
             peak_flops=device_peak_flops(jax.devices()[0].device_kind),
         )
         if not result.preempted:
@@ -128,8 +151,14 @@ def run(exp: Any, algorithm: Algorithm, *, allow_config_change: bool = False) ->
                 show_samples(final_model, tokenizer, tc.sample_prompts, tc.max_new_tokens, tc.run_dir, is_writer)
         return result
     finally:
+        if rollout is not None:
+            rollout.close()
         checkpointer.close()
         logger.close()
+
+
+def _host_batch(batch):
+    return batch
 
 
 def evaluate(params, frozen, pipe, put_batch, max_batches: int, eval_sums) -> dict:
@@ -143,12 +172,13 @@ def evaluate(params, frozen, pipe, put_batch, max_batches: int, eval_sums) -> di
     return total
 
 
-def initial_state(exp: Any, tokenizer, mesh):
-    """(model config, train state, frozen params, optimizer, schedule) before any training."""
+def initial_state(exp: Any, tokenizer, mesh, updates_per_step: int = 1):
+    """(model config, train state, frozen params, optimizer, schedule) before any training; the schedule
+    spans the run's optimizer updates (`updates_per_step` per step)."""
     model = load_model(exp.model, exp.lora, tokenizer, mesh, exp.train.seed)
     params = model.params()
     trainable, frozen = lora_lib.split(params) if exp.lora else (params, {})
-    optimizer, schedule = make_optimizer(exp.optim, exp.optim.horizon(exp.train.steps))
+    optimizer, schedule = make_optimizer(exp.optim, exp.optim.horizon(exp.train.steps) * updates_per_step)
     state = init_state_sharded(trainable, optimizer, exp.train.seed, mesh)
     return model.config, state, frozen, optimizer, schedule
 

@@ -4,7 +4,8 @@
 
 `micro_loss(params, micro_batch, rng) -> (loss_sum, metric_sums)` is the algorithm: SFT, reward
 modelling, DPO... It returns *sums* over its micro-batch whose total over the micro-batches is the
-global-batch value. The contract that keeps accumulation exact: normalise before splitting, i.e. the
+global-batch value (a metric whose name ends in "_max" is a maximum instead, e.g. RL's largest
+importance ratio). The contract that keeps accumulation exact: normalise before splitting, i.e. the
 algorithm puts per-token or per-pair weights that sum to 1 over the whole global batch into `batch`
 (`losses.token_weights`; 1/number of pairs for pair losses), so the update with grad_accum=k equals
 the one with grad_accum=1 up to float summation order. The batch schema is the algorithm's: every
@@ -25,6 +26,7 @@ import optax
 
 from polmjax.train.state import TrainState, combine_params
 
+MAX_SUFFIX = "_max"  # a metric named "..._max" is the maximum over the micro-batches, not their sum
 MicroLoss = Callable[[dict, dict, jax.Array], tuple[jax.Array, dict]]
 
 
@@ -56,10 +58,17 @@ def update(state: TrainState, frozen: dict, batch: dict, *, micro_loss: MicroLos
         def accumulate(carry, xs):
             mb, index = xs
             (loss, metrics), grads = grad_fn(state.params, mb, index)
-            return jax.tree.map(lambda a, b: a + b.astype(jnp.float32), carry, (loss, metrics, grads)), None
+            total_loss, total_metrics, total_grads = carry
+            add = lambda a, b: a + b.astype(jnp.float32)  # noqa: E731
+            total_metrics = {k: jnp.maximum(v, metrics[k]) if k.endswith(MAX_SUFFIX) else add(v, metrics[k])
+                             for k, v in total_metrics.items()}
+            return (add(total_loss, loss), total_metrics, jax.tree.map(add, total_grads, grads)), None
 
-        zeros = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), 0)
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), (zeros[0][0], zeros[0][1], zeros[1]))
+        shapes = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), 0)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), (shapes[0][0], shapes[1]))
+        metric_zeros = {k: jnp.full(s.shape, -jnp.inf if k.endswith(MAX_SUFFIX) else 0.0, jnp.float32)
+                        for k, s in shapes[0][1].items()}
+        zeros = (zeros[0], metric_zeros, zeros[1])
         (loss, metrics, grads), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(grad_accum)))
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
