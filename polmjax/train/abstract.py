@@ -25,6 +25,7 @@ from polmjax.train.state import init_state, state_shardings_for
 
 # dtype of every per-token batch key a pipeline produces (polmjax.data: packing, preference, unpaired)
 BATCH_DTYPES = {**DTYPES, "is_chosen": np.bool_, "pair_ids": np.int32, "example_ids": np.int32,
+                "margin": np.float32,
                 # GRPO (polmjax.train.grpo.BATCH_KEYS)
                 **dict.fromkeys(("weights", "token_weights", "advantages", "sampler_logps", "old_logps", "ref_logps"),
                                 np.float32)}
