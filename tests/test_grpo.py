@@ -143,3 +143,34 @@ def test_grpo_raises_the_reward_and_resumes_exactly(tmp_path):
     for step in range(13, 21):
         for k in ("reward", "loss", "grad_norm", "completion_length/mean"):
             assert again[step][k] == rows[step][k], (step, k)
+
+
+def test_sharded_accumulated_step_equals_single_device():
+    """8 rollout rows over a (2, 2, 2) mesh of fake devices with grad_accum 2 == one device, one batch
+    (off-policy with a reference: every batch key is used)."""
+    from polmjax import mesh as mesh_lib
+    from polmjax import models
+    from polmjax.train.state import init_state_sharded, state_shardings
+
+    params = create(CFG, seed=0).params()
+    opt = optax.sgd(0.1)  # Adam's m / sqrt(v) would turn float-order noise in ~0 gradients into lr-sized steps
+    batch = {k: np.concatenate([v, v[::-1]]) for k, v in _batch().items()}
+    batch["weights"] = np.asarray(aggregation_weights(jnp.asarray(batch["loss_mask"]), "token_mean"))
+    batch["token_weights"] = batch["weights"]
+    lp = np.asarray(_logps(params, batch))
+    batch.update(old_logps=lp - 0.1 * batch["loss_mask"], sampler_logps=lp - 0.2 * batch["loss_mask"],
+                 ref_logps=lp + 0.3 * batch["loss_mask"])
+    kw = dict(model_cfg=CFG, optimizer=opt, on_policy=False, beta=0.05, entropy_coef=0.01, loss="cispo",
+              loss_kwargs={"epsilon_high": 0.05}, correction={"level": "sequence", "mode": "tis", "cap": 2.0})
+    want_state, want = grpo.grpo_step(init_state(params, opt, 0), {}, batch, **kw)
+
+    mesh = mesh_lib.make_mesh(2, 2, 2)
+    state = init_state_sharded(jax.device_put(params, models.param_shardings(CFG, mesh)), opt, 0, mesh)
+    sharding = mesh_lib.named_sharding(mesh, ("act_batch", "act_len"), batch["input_ids"].shape)
+    step = jax.jit(lambda s, b: grpo.grpo_step(s, {}, b, grad_accum=2, mesh=mesh, **kw),
+                   in_shardings=(state_shardings(state), {k: sharding for k in batch}), donate_argnums=(0,))
+    got_state, got = step(state, {k: jax.device_put(v, sharding) for k, v in batch.items()})
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=2e-5, atol=1e-6, err_msg=k)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got_state.params,
+                 want_state.params)

@@ -218,6 +218,7 @@ class GRPOExperiment:
     top_p: float | None = None
     min_p: float | None = None
     stop_sequences: tuple[str, ...] = ()
+    ignore_eos: bool = False  # benchmarks: every completion runs to max_completion_len
     advantage: str = "grpo"
     scale_rewards: str = "group"
     loss: str = "clipped"
@@ -322,8 +323,9 @@ class Rollout:
         isolate = any(r.isolate for r in self.reward_fns)
         self.pool = (rewards_lib.VerifierPool(exp.verifier_workers, timeout_s=exp.verifier_timeout_s)
                      if isolate else None)
-        self.eos = stop_token_ids(tokenizer)
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
+        eos = stop_token_ids(tokenizer)
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+        self.eos = () if exp.ignore_eos else eos
         self.stops = tuple(tuple(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in exp.stop_sequences)
         self.cache_dtype = jnp.dtype(exp.cache_dtype) if exp.cache_dtype else None
         logps = functools.partial(policy_logprobs, temperature=exp.temperature, mesh=mesh)
@@ -374,11 +376,12 @@ class Rollout:
         return state, metrics
 
     def evaluate(self, params: dict, source: PromptSource) -> dict:
-        """Held-out: greedy accuracy and reward, pass@k with k = eval_samples at the sampling temperature."""
+        """Held-out: greedy accuracy and reward; pass@k with k = eval_samples at the sampling temperature and
+        the mean accuracy of those samples (`accuracy_sampled`, pass@1 at that temperature)."""
         exp = self.exp
         params = combine_params(params, self.frozen.get("base", {}))
         it = iter(source)
-        greedy_correct, greedy_reward, lengths, pass_k, n = [], [], [], [], 0
+        greedy_correct, greedy_reward, lengths, pass_k, sampled, n = [], [], [], [], [], 0
         for b in range(exp.train.eval_batches):
             prompts = it.take(exp.prompts_per_step)
             if not prompts:
@@ -393,11 +396,13 @@ class Rollout:
             sampled = self._generate(params, prompts, key, n=k, temperature=exp.temperature)
             correct = self._correct(self._score(prompts, sampled, n=k)).reshape(len(prompts), k)
             pass_k.append(correct.any(axis=1))
+            sampled.append(correct.mean(axis=1))
             n += len(prompts)
         if not n:
             return {}
         return {"accuracy": float(np.concatenate(greedy_correct).mean()),
                 f"pass@{exp.eval_samples}": float(np.concatenate(pass_k).mean()),
+                "accuracy_sampled": float(np.concatenate(sampled).mean()),  # pass@1 at the sampling temperature
                 "reward": float(np.concatenate(greedy_reward).mean()),
                 "completion_length": float(np.concatenate(lengths).mean()), "prompts": float(n)}
 
