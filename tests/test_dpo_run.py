@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+from kill_restart import TINY_INIT, check_sigkill_and_restart
 
 from polmjax import config as config_lib
 from polmjax.models import ModelConfig, RopeConfig
@@ -62,6 +63,13 @@ def test_lora_reference_is_the_base_and_resume_is_exact(tmp_path):
     out = run_lib.export_run(str(tmp_path), step=8)
     assert os.path.exists(os.path.join(out, "adapter", "adapter_model.safetensors"))
     assert os.path.exists(os.path.join(out, "model.safetensors"))
+
+
+@pytest.mark.slow  # three CLI runs (~1 min); test_lora_reference_is_the_base_and_resume_is_exact covers resume
+def test_sigkill_and_restart_equals_uninterrupted(tmp_path):
+    """`polmjax dpo` killed with SIGKILL after a checkpoint and rerun: metrics and final parameters bit-exact."""
+    check_sigkill_and_restart(tmp_path, "dpo", TINY, SMALL + TINY_INIT + ["train.eval_every=0", "mesh.data=2"],
+                              steps=10, kill_after=5)
 
 
 @pytest.mark.slow  # CI time: SimPO's step is covered by test_dpo_step and test_step_compile

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from kill_restart import TINY_INIT, check_sigkill_and_restart
 
 from polmjax import config as config_lib
 from polmjax import models
@@ -311,6 +312,14 @@ def test_kto_run_lowers_held_out_loss(tmp_path):
     assert held_out[12]["rewards/margins"] > 0.1 and held_out[24]["rewards/margins"] > 0.1
     assert 0.0 <= held_out[24]["rewards/accuracies"] <= 1.0
     assert held_out[24]["examples"] >= 8 and "kl" in held_out[24]
+
+
+@pytest.mark.slow  # three CLI runs (~1 min)
+def test_sigkill_and_restart_equals_uninterrupted(tmp_path):
+    """`polmjax kto` killed with SIGKILL after a checkpoint and rerun: metrics and final parameters bit-exact
+    (the KL-baseline partners come from the data position, which the checkpoint holds)."""
+    check_sigkill_and_restart(tmp_path, "kto", TINY, SMALL + TINY_INIT + ["train.save_every=2", "train.eval_every=0",
+                                                                          "mesh.data=2"], steps=10, kill_after=5)
 
 
 @pytest.mark.parametrize("override, message", [

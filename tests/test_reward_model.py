@@ -3,13 +3,16 @@
 HF `*ForSequenceClassification` checkpoints load with their head and score as `transformers` does (the
 head on the rightmost non-pad token); a causal LM loads with a fresh head and no lm_head; saved models
 load in `transformers` with the same scores. `rm_step`'s loss and metrics equal a hand computation from
-one unpacked forward per sequence; grad_accum 2 == 1; a (2,2,2) mesh == one device. An RM run exports
-a directory `transformers` loads and that scores as `polmjax.train.rm.score`.
+one unpacked forward per sequence (also with the data's `margin` column); grad_accum 2 == 1; a (2,2,2)
+mesh == one device. An RM run exports a directory `transformers` loads and that scores as
+`polmjax.train.rm.score`; so does a LoRA RM run (adapters and head trained, base untouched, PEFT adapter
+with the head); a run killed with SIGKILL and rerun equals an uninterrupted one.
 """
 
 import dataclasses
 import functools
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +24,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from hf_models import build_hf_model, hf_config  # noqa: E402
+from kill_restart import ROOT, TINY_INIT, check_sigkill_and_restart  # noqa: E402
 from polmjax import mesh as mesh_lib  # noqa: E402
 from polmjax import models  # noqa: E402
 from polmjax.data import DataConfig, PreferencePipeline, tokenize_preference, toy  # noqa: E402
@@ -378,6 +382,15 @@ def test_lora_rm_trains_adapters_and_head_and_exports_what_transformers_and_peft
         np.testing.assert_array_equal(peft.get_peft_model_state_dict(peft_model)["base_model.model.score.weight"].numpy(),
                                       trained["score"].T)  # the trained head, not the base's
         np.testing.assert_allclose(peft_model(**enc).logits[:, 0].numpy(), ours, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow  # three CLI runs (~1 min)
+def test_sigkill_and_restart_equals_uninterrupted(tmp_path):
+    """`polmjax rm` killed with SIGKILL after a checkpoint and rerun: metrics and final parameters bit-exact."""
+    small = ["data.max_rows=400", "train.global_batch=8", "train.seq_len=64", "train.log_every=1", "train.save_every=2",
+             "train.eval_every=0", "train.async_save=false", "optim.warmup_steps=2", "mesh.data=2"]
+    check_sigkill_and_restart(tmp_path, "rm", os.path.join(ROOT, "experiments", "rm", "tiny.py"), small + TINY_INIT,
+                              steps=10, kill_after=5)
 
 
 @pytest.mark.slow
