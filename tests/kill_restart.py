@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMING_KEYS = ("tokens_per_s", "mfu")  # wall-clock rates: differ between any two runs
+TIMING_KEYS = ("tokens_per_s", "mfu", "generated_tokens_per_s")  # wall-clock rates: differ between any two runs
 TIMEOUT_S = 300
 # `--set`s that turn a tiny experiment (which starts from the tiny SFT export) into a 2-layer random init
 TINY_INIT = ['model.path=""', "model.tokenizer=toy", "model.init=" + json.dumps({
@@ -75,7 +75,8 @@ def metrics_rows(run_dir) -> dict[tuple[str, int], dict]:
     """(split, step) -> the logged row without its wall-clock rates; a later line of a step replaces an earlier."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    return {(r.get("split", "train"), r["step"]): {k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows}
+    return {(r.get("split", "train"), r["step"]): {k: v for k, v in r.items()
+                                                    if k not in TIMING_KEYS and not k.startswith("time/")} for r in rows}
 
 
 def exported_params(run_dir) -> dict[str, np.ndarray]:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from kill_restart import TINY_INIT, check_sigkill_and_restart
 
 from polmjax import config as config_lib
 from polmjax.losses.policy import aggregation_weights
@@ -35,6 +36,11 @@ CFG = ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_si
 def letter_a_fraction(prompts, completions, **_):
     """A reward a random tiny model can climb: the fraction of its characters that are 'a'."""
     return [c.count("a") / max(len(c), 1) for c in completions]
+
+
+def a_fraction_on_add(prompts, completions, **_):
+    """Informative only on the "add" prompts (a third of them): 0 for every completion of the others."""
+    return [c.count("a") / max(len(c), 1) if "add" in p[-1]["content"] else 0.0 for p, c in zip(prompts, completions)]
 
 
 def _cfg(run_dir, *extra):
@@ -116,15 +122,19 @@ def test_off_policy_ratio_clips_kl_and_correction():
     np.testing.assert_allclose(float(m["loss"]), clipped_value, atol=1e-5)
 
 
-def test_rollout_rows_hold_prompt_then_completion(tmp_path):
+def test_rollout_rows_and_dynamic_sampling(tmp_path):
     """The trainer's log-probs of the sampled tokens in the rollout's row layout equal the sampler's (fp32);
-    advantages are GRPO's group z-scores of the rewards."""
-    exp = _cfg(tmp_path, "train.steps=1", "train.log_every=1")
+    dynamic sampling draws more prompts until every trained group has non-zero reward variance."""
+    exp = _cfg(tmp_path, "train.steps=2", "dynamic_sampling=true", "max_sampling_rounds=6",
+               'rewards=[{"fn": "test_grpo:a_fraction_on_add", "isolate": false}]')
     grpo.run(exp)
-    row = _rows(tmp_path)[1]
-    assert row["mismatch/k3_kl"] < 1e-6 and abs(row["mismatch/ratio_max"] - 1.0) < 1e-3
-    assert row["updates"] == 1.0 and 1.0 <= row["completion_length/mean"] <= 8.0
-    assert row["generated_tokens_per_s"] > 0 and row["time/generate"] > 0
+    rows = _rows(tmp_path)
+    for row in rows.values():
+        assert row["mismatch/k3_kl"] < 1e-6 and abs(row["mismatch/ratio_max"] - 1.0) < 1e-3
+        assert row["updates"] == 1.0 and 1.0 <= row["completion_length/mean"] <= 8.0
+        assert row["generated_tokens_per_s"] > 0 and row["time/generate"] > 0
+        assert row["dynamic/kept_groups"] >= 4 and row["dynamic/zero_variance_groups_trained"] == 0
+    assert max(row["dynamic/rounds"] for row in rows.values()) > 1  # the other prompts' groups were dropped
 
 
 def test_grpo_raises_the_reward_and_resumes_exactly(tmp_path):
@@ -174,3 +184,12 @@ def test_sharded_accumulated_step_equals_single_device():
         np.testing.assert_allclose(got[k], want[k], rtol=2e-5, atol=1e-6, err_msg=k)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got_state.params,
                  want_state.params)
+
+
+@pytest.mark.slow  # three CLI runs, ~1-2 min; test_grpo_raises_the_reward_and_resumes_exactly covers resume in CI
+def test_sigkill_and_restart_equals_uninterrupted(tmp_path, monkeypatch):
+    """A GRPO run killed with SIGKILL after a checkpoint and rerun equals an uninterrupted one: every logged
+    reward, loss and length, and the final parameters, bit for bit (prompt stream and sampling keys resume)."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    check_sigkill_and_restart(tmp_path, "grpo", TINY, SMALL + TINY_INIT + ["train.save_every=2", "mesh.data=2"],
+                              steps=8, kill_after=4)

@@ -393,8 +393,8 @@ class Rollout:
             lengths.append(np.asarray(greedy.lengths))
             key = jax.random.fold_in(jax.random.key(exp.train.seed), 1_000_003 + b)
             k = exp.eval_samples
-            sampled = self._generate(params, prompts, key, n=k, temperature=exp.temperature)
-            correct = self._correct(self._score(prompts, sampled, n=k)).reshape(len(prompts), k)
+            draws = self._generate(params, prompts, key, n=k, temperature=exp.temperature)
+            correct = self._correct(self._score(prompts, draws, n=k)).reshape(len(prompts), k)
             pass_k.append(correct.any(axis=1))
             sampled.append(correct.mean(axis=1))
             n += len(prompts)
@@ -447,7 +447,7 @@ class Rollout:
                      "prompts/skipped": float(self.prompts.skipped)})
         if exp.dynamic_sampling:
             info.update({"dynamic/rounds": float(rounds), "dynamic/kept_groups": float(len(kept)),
-                         "dynamic/zero_variance_groups_trained": float(sum(g in dropped for g in groups))})
+                         "dynamic/zero_variance_groups_trained": float(max(0, exp.prompts_per_step - len(kept)))})
         return groups, info
 
     def _generate(self, params, prompts: list[Prompt], key, *, n: int, temperature: float):
