@@ -8,6 +8,14 @@ model) and the algorithm's batch with the run's shardings on the compile-only de
 (`polmjax.aot`, `polmjax.train.abstract`), and runs the real XLA:TPU (or XLA:GPU + Triton) compiler on
 `algorithm.jit_step`. Prints the per-device memory the compiler reports and whether it fits.
 
+An RL experiment (GRPO family: an algorithm with a rollout) runs more programs than its update, and the
+train state and frozen inputs stay resident through all of them: the sampler's prefill and decode
+(`polmjax.rl.sampler`, as `polmjax.train.grpo.Rollout` calls them: prompts_per_step prompts at the
+longest prompt bucket, num_generations samples of max_completion_len tokens each, the experiment's
+cache dtype) and, off-policy or with a KL term, the log-prob forward over the whole rollout. Each is
+compiled too; its peak is what stays resident (state + frozen inputs) plus its own other inputs,
+temporaries and outputs, and the experiment fits when the largest of the step and these peaks does.
+
     pip install "jax[tpu]"                                  # libtpu: the TPU compiler, usable on a CPU host
     pip install "jax[cuda12-local]" nvidia-cuda-nvcc-cu12   # XLA:GPU for GPU targets (h100, h200, a100)
     JAX_PLATFORMS=cpu python tpu/aot_compile.py experiments/sft/tiny.py --target v5e:2x2
@@ -16,6 +24,8 @@ model) and the algorithm's batch with the run's shardings on the compile-only de
         --set model.path=/path/to/Qwen3-1.7B
     JAX_PLATFORMS=cpu python tpu/aot_compile.py experiments/dpo/qwen3_1p7b_ultrafeedback.py --target v5p:2x2x1 \
         --set model.path=/path/to/Qwen3-1.7B   # a directory with only its config.json is enough
+    JAX_PLATFORMS=cpu python tpu/aot_compile.py experiments/grpo/qwen3_1p7b_gsm8k.py --target v5p:2x2x1 \
+        --set model.path=/path/to/Qwen3-1.7B   # the step, the sampler and the rollout's log-prob forward
 """
 
 from __future__ import annotations
@@ -66,12 +76,13 @@ def compile_step(experiment: str, target: str, overrides=()) -> dict:
     hbm = aot.memory_bytes(target)
     hlo = compiled.as_text()
     B, T = exp.train.global_batch, exp.train.seq_len
-    return {
+    report = {
         "algorithm": algorithm.name + _variant(exp),
         "target": f"{target} ({len(devices)} devices, {devices[0].device_kind})",
         "mesh": dict(mesh.shape),
         "model": f"{cfg.family} {cfg.num_params() / 1e9:.3f}B params, lora={exp.lora is not None}",
-        "batch": f"{B} x {T}, grad_accum {exp.train.grad_accum}",
+        "batch": f"{B} x {T}, grad_accum {exp.train.grad_accum}"
+                 + (f", mini_batches {exp.mini_batches}" if hasattr(exp, "mini_batches") else ""),
         "frozen_GiB": round(_bytes_per_device(frozen) / 2**30, 3),
         "arguments_GiB": round(mem.argument_size_in_bytes / 2**30, 3),
         "temp_GiB": round(mem.temp_size_in_bytes / 2**30, 3),
@@ -84,6 +95,108 @@ def compile_step(experiment: str, target: str, overrides=()) -> dict:
         "pallas_kernel_calls": hlo.count('custom_call_target="tpu_custom_call"')
         + hlo.count('custom_call_target="__gpu$xla.gpu.triton"'),
     }
+    if algorithm.rollout is not None:
+        # resident through the rollout: the train state and the frozen inputs (the step's arguments but its batch)
+        resident = mem.argument_size_in_bytes - _bytes_per_device(batch)
+        programs = compile_rollout(exp, cfg, mesh, state, frozen)
+        peak = max(total, *(resident + p["extra"] for p in programs.values()))
+        report.update(_rollout_report(exp, programs, resident, peak, hbm))
+        report["bytes"].update({"resident": resident, "peak": peak,
+                                **{f"{name}_extra": p["extra"] for name, p in programs.items()}})
+    return report
+
+
+def compile_rollout(exp, cfg, mesh, state, frozen) -> dict:
+    """Compile the programs of an RL step besides the update, with the inputs `Rollout` gives them:
+
+    prefill  `sampler.prefill_prompts`: prompts_per_step left-padded prompts of bucket(max_prompt_len)
+             tokens (host arrays: replicated) into a prompt-sized cache;
+    decode   `sampler.decode` of that: num_generations rows per prompt, max_completion_len new tokens;
+    old_logps / ref_logps  `grpo.policy_logprobs` over the whole rollout (global_batch x seq_len), when
+             the step is off-policy (iterations or mini_batches > 1) / has a KL term (beta > 0).
+
+    The parameters are the live ones (`combine_params(state.params, base)`, or the reference), already
+    resident. Returns {name: {"extra": bytes per device beyond the resident state and frozen inputs (the
+    program's other inputs, temporaries and outputs), "memory": memory_analysis(), "compile_s": ...}}.
+    Stop sequences (a [rows, longest] id table) are left out: they need the tokenizer.
+    """
+    import functools
+
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from polmjax.models.lora import has_adapters
+    from polmjax.rl import sampler as sampler_lib
+    from polmjax.train import grpo
+    from polmjax.train.abstract import abstract_batch
+    from polmjax.train.state import combine_params
+
+    params = combine_params(state.params, frozen.get("base", {}))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    B, P = exp.prompts_per_step, sampler_lib.bucket(exp.max_prompt_len)
+    prompts = jax.ShapeDtypeStruct((B, P), np.int32, sharding=replicated)
+    cache_dtype = jnp.dtype(exp.cache_dtype) if exp.cache_dtype else None
+    programs = {}
+
+    start = time.perf_counter()
+    prefill = sampler_lib.prefill_prompts.lower(cfg, params, prompts, prompts, mesh=mesh,
+                                                cache_dtype=cache_dtype).compile()
+    programs["prefill"] = _program(prefill, 2 * _bytes_per_device(prompts), start)
+
+    start = time.perf_counter()
+    logits, cache, pos = prefill.out_info
+    key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=replicated)
+    sampled = exp.temperature > 0
+    decode = sampler_lib.decode.lower(
+        cfg, params, logits, cache, pos, key, n=exp.num_generations, max_new_tokens=exp.max_completion_len,
+        eos=() if exp.ignore_eos else (0,), stops=(), temperature=float(exp.temperature),
+        top_k=exp.top_k if sampled else None, top_p=exp.top_p if sampled else None,
+        min_p=exp.min_p if sampled else None, pad_id=0, mesh=mesh).compile()
+    programs["decode"] = _program(decode, prefill.memory_analysis().output_size_in_bytes, start)
+
+    forwards = {"old_logps": (params, cfg)} if not exp.on_policy else {}
+    if exp.beta:
+        ref = frozen["reference"]
+        forwards["ref_logps"] = (ref, cfg if has_adapters(ref) else cfg.replace(lora=None))
+    if forwards:
+        rollout = abstract_batch(("input_ids", "targets", "positions", "segment_ids"), exp.train.global_batch,
+                                 exp.train.seq_len, mesh)
+    for name, (p, model_cfg) in forwards.items():
+        start = time.perf_counter()
+        fn = jax.jit(functools.partial(grpo.policy_logprobs, model_cfg, temperature=exp.temperature, mesh=mesh))
+        compiled = fn.lower(p, rollout).compile()
+        programs[name] = _program(compiled, _bytes_per_device(rollout), start)
+    return programs
+
+
+def _program(compiled, other_inputs: int, start: float) -> dict:
+    """A rollout program's bytes beyond what is resident: its non-parameter inputs (`other_inputs`),
+    temporaries and outputs (nothing is donated)."""
+    mem = compiled.memory_analysis()
+    extra = other_inputs + mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+    return {"extra": extra, "memory": mem, "compile_s": time.perf_counter() - start,
+            "pallas_kernel_calls": compiled.as_text().count('custom_call_target="tpu_custom_call"')}
+
+
+def _rollout_report(exp, programs: dict, resident: int, peak: int, hbm: int | None) -> dict:
+    from polmjax.rl.sampler import bucket
+
+    gib = lambda b: round(b / 2**30, 3)  # noqa: E731
+    B, P = exp.prompts_per_step, bucket(exp.max_prompt_len)
+    decode = programs["decode"]
+    out = {
+        "sampler": f"{B} prompts x {P} tokens -> {exp.num_generations} x {exp.max_completion_len} new tokens "
+                   f"({B * exp.num_generations} rows), cache {exp.cache_dtype or 'compute dtype'}",
+        "resident_GiB": gib(resident),
+        "sampler_temp_GiB": gib(decode["memory"].temp_size_in_bytes),
+        "sampler_peak_GiB": gib(resident + max(programs["prefill"]["extra"], decode["extra"])),
+    }
+    for name in ("old_logps", "ref_logps"):
+        if name in programs:
+            out[f"{name}_peak_GiB"] = gib(resident + programs[name]["extra"])
+    out.update({"peak_per_device_GiB": gib(peak), "fits": hbm is None or peak <= hbm,
+                "rollout_compile_s": round(sum(p["compile_s"] for p in programs.values()), 1)})
+    return out
 
 
 compile_sft_step = compile_step  # the name the SFT-only version had

@@ -6,9 +6,10 @@
 Every input is a `jax.ShapeDtypeStruct` carrying the sharding the real run gives it (`polmjax.train.run`):
 parameters by their logical axes, the optimizer state like the parameters it mirrors, the step's
 `frozen` argument built by `algorithm.frozen` (the LoRA base, DPO's reference model) with each leaf
-sharded like the parameter it copies, and the batch keys over ("act_batch", "act_len"). Nothing is
-allocated, so a 1.7B model compiles for a TPU slice from a laptop (`tpu/aot_compile.py`) and the
-compile checks (`tests/test_step_compile.py`) see exactly the program a run would jit.
+sharded like the parameter it copies, and the batch keys over ("act_batch", "act_len") (for RL, one
+mini-batch of the rollout). Nothing is allocated, so a 1.7B model compiles for a TPU slice from a laptop
+(`tpu/aot_compile.py`) and the compile checks (`tests/test_step_compile.py`) see exactly the program a
+run would jit.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ def abstract_step(exp, algorithm, model_cfg, mesh):
     state, state_sh = abstract_state(trainable, optimizer, mesh)
     frozen = abstract_frozen(algorithm, exp, trainable, base)
     keys = algorithm.batch_keys(exp) if callable(algorithm.batch_keys) else algorithm.batch_keys
-    batch = abstract_batch(keys, exp.train.global_batch, exp.train.seq_len, mesh)
+    # an RL step updates on mini-batches of its rollout (GRPO's `mini_batches`): one is the step's batch
+    rows = exp.train.global_batch // getattr(exp, "mini_batches", 1)
+    batch = abstract_batch(keys, rows, exp.train.seq_len, mesh)
     step = algorithm.jit_step(exp, model_cfg, optimizer, schedule, mesh, state_sh, _shardings(frozen),
                               _shardings(batch))
     return step, (state, frozen, batch)
