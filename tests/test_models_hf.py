@@ -96,14 +96,19 @@ def test_packed_equals_separate(hf_dir):
 def test_scan_and_remat_equal_unrolled(name, tmp_path):
     build_hf_model(name).save_pretrained(tmp_path)
     ids = _ids(length=12)
-    base = models.from_pretrained(tmp_path)
-    ref = np.asarray(base(ids))
-    loss = lambda m: jnp.mean(m(ids) ** 2)  # noqa: E731
-    ref_grad = jax.grad(lambda p: loss(_with(base, p)))(base.params())
+
+    def logits_and_grad(model):  # one compiled program per execution setting: forward and backward
+        def loss(p):
+            logits = _with(model, p)(ids)
+            return jnp.mean(logits**2), logits
+
+        (_, logits), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(model.params())
+        return np.asarray(logits), grad
+
+    ref, ref_grad = logits_and_grad(models.from_pretrained(tmp_path))
     for execution in (dict(scan_layers=True), dict(remat="full"), dict(scan_layers=True, remat="dots")):
-        model = models.from_pretrained(tmp_path, **execution)
-        np.testing.assert_allclose(np.asarray(model(ids)), ref, atol=1e-5, rtol=0, err_msg=str(execution))
-        grad = jax.grad(lambda p: loss(_with(model, p)))(model.params())
+        logits, grad = logits_and_grad(models.from_pretrained(tmp_path, **execution))
+        np.testing.assert_allclose(logits, ref, atol=1e-5, rtol=0, err_msg=str(execution))
         for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-4)
 
