@@ -37,7 +37,6 @@ import functools
 import importlib
 import inspect
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -45,17 +44,24 @@ import numpy as np
 import optax
 
 from polmjax import mesh as mesh_lib
-from polmjax.data import DataConfig, stop_token_ids, toy
+from polmjax.data import DataConfig, toy
 from polmjax.data.prompts import Prompt, PromptSource
-from polmjax.generate import left_pad
-from polmjax.losses.policy import (AGGREGATIONS, CORRECTION_LEVELS, CORRECTION_MODES, KL_ESTIMATORS, POLICY_LOSSES,
-                                   aggregation_weights, kl, rollout_correction)
+from polmjax.losses.policy import (
+    AGGREGATIONS,
+    CORRECTION_LEVELS,
+    CORRECTION_MODES,
+    KL_ESTIMATORS,
+    POLICY_LOSSES,
+    aggregation_weights,
+    kl,
+    rollout_correction,
+)
 from polmjax.models.config import LoraConfig, ModelConfig
 from polmjax.models.decoder import forward_hidden, target_logprobs
 from polmjax.models.lora import has_adapters
 from polmjax.rl import advantages as advantages_lib
 from polmjax.rl import rewards as rewards_lib
-from polmjax.rl import sampler as sampler_lib
+from polmjax.rl.rollout import PolicySampler
 from polmjax.train import run as run_lib
 from polmjax.train.config import MeshConfig, ModelSource, TrainConfig
 from polmjax.train.dpo import reference_params
@@ -319,15 +325,12 @@ class Rollout:
                                       "would need its share of the prompts and of the scoring)")
         self.exp, self.cfg, self.tokenizer, self.mesh = exp, model_cfg, tokenizer, mesh
         self.step_fn, self.frozen, self.prompts = step_fn, frozen, prompts
-        self.reward_fns = [r.build() for r in exp.rewards]
-        isolate = any(r.isolate for r in self.reward_fns)
-        self.pool = (rewards_lib.VerifierPool(exp.verifier_workers, timeout_s=exp.verifier_timeout_s)
-                     if isolate else None)
-        eos = stop_token_ids(tokenizer)
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-        self.eos = () if exp.ignore_eos else eos
-        self.stops = tuple(tuple(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in exp.stop_sequences)
-        self.cache_dtype = jnp.dtype(exp.cache_dtype) if exp.cache_dtype else None
+        self.sampler = PolicySampler(model_cfg, tokenizer, mesh, [r.build() for r in exp.rewards],
+                                     max_new_tokens=exp.max_completion_len, temperature=exp.temperature,
+                                     top_k=exp.top_k, top_p=exp.top_p, min_p=exp.min_p,
+                                     stop_sequences=exp.stop_sequences, ignore_eos=exp.ignore_eos,
+                                     cache_dtype=exp.cache_dtype, verifier_workers=exp.verifier_workers,
+                                     verifier_timeout_s=exp.verifier_timeout_s)
         logps = functools.partial(policy_logprobs, temperature=exp.temperature, mesh=mesh)
         self.old_logps = jax.jit(functools.partial(logps, model_cfg))
         ref = frozen.get("reference")
@@ -338,8 +341,7 @@ class Rollout:
                                                         (exp.train.global_batch, exp.train.seq_len))
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.close()
+        self.sampler.close()
 
     def step(self, state: TrainState, prompts: list[Prompt]) -> tuple[TrainState, dict]:
         exp = self.exp
@@ -376,35 +378,14 @@ class Rollout:
         return state, metrics
 
     def evaluate(self, params: dict, source: PromptSource) -> dict:
-        """Held-out: greedy accuracy and reward; pass@k with k = eval_samples at the sampling temperature and
-        the mean accuracy of those samples (`accuracy_sampled`, pass@1 at that temperature)."""
+        """Held-out (`PolicySampler.evaluate`): greedy accuracy and reward, pass@k with k = eval_samples at the
+        sampling temperature and those samples' mean accuracy (`accuracy_sampled`), over train.eval_batches
+        x prompts-per-step prompts of `source`."""
         exp = self.exp
-        params = combine_params(params, self.frozen.get("base", {}))
-        it = iter(source)
-        greedy_correct, greedy_reward, lengths, pass_k, sampled, n = [], [], [], [], [], 0
-        for b in range(exp.train.eval_batches):
-            prompts = it.take(exp.prompts_per_step)
-            if not prompts:
-                break
-            greedy = self._generate(params, prompts, None, n=1, temperature=0.0)
-            scores = self._score(prompts, greedy, n=1)
-            greedy_correct.append(self._correct(scores))
-            greedy_reward.append(scores.total)
-            lengths.append(np.asarray(greedy.lengths))
-            key = jax.random.fold_in(jax.random.key(exp.train.seed), 1_000_003 + b)
-            k = exp.eval_samples
-            draws = self._generate(params, prompts, key, n=k, temperature=exp.temperature)
-            correct = self._correct(self._score(prompts, draws, n=k)).reshape(len(prompts), k)
-            pass_k.append(correct.any(axis=1))
-            sampled.append(correct.mean(axis=1))
-            n += len(prompts)
-        if not n:
-            return {}
-        return {"accuracy": float(np.concatenate(greedy_correct).mean()),
-                f"pass@{exp.eval_samples}": float(np.concatenate(pass_k).mean()),
-                "accuracy_sampled": float(np.concatenate(sampled).mean()),  # pass@1 at the sampling temperature
-                "reward": float(np.concatenate(greedy_reward).mean()),
-                "completion_length": float(np.concatenate(lengths).mean()), "prompts": float(n)}
+        prompts = iter(source).take(exp.train.eval_batches * exp.prompts_per_step)
+        key = jax.random.fold_in(jax.random.key(exp.train.seed), 1_000_003)
+        return self.sampler.evaluate(combine_params(params, self.frozen.get("base", {})), prompts,
+                                     k=exp.eval_samples, key=key, batch=exp.prompts_per_step)
 
     # -- generation and scoring ------------------------------------------------------------------
 
@@ -418,19 +399,17 @@ class Rollout:
         all_scores = []
         while True:
             t = time.perf_counter()
-            samples = self._generate(params, prompts, jax.random.fold_in(key, rounds), n=exp.num_generations,
-                                     temperature=exp.temperature)
-            samples = jax.device_get(samples)
+            samples = self.sampler.generate(params, prompts, jax.random.fold_in(key, rounds), n=exp.num_generations)
             t_gen += time.perf_counter() - t
             tokens += int(samples.lengths.sum())
             t = time.perf_counter()
-            scores = self._score(prompts, samples, n=exp.num_generations)
+            scores = self.sampler.score(prompts, samples, n=exp.num_generations)
             t_score += time.perf_counter() - t
             all_scores.append((scores, samples))
             rounds += 1
             for g, prompt in enumerate(prompts):
                 rows = slice(g * exp.num_generations, (g + 1) * exp.num_generations)
-                group = (prompt, jax.tree.map(lambda x: x[rows] if np.ndim(x) else x, samples), scores.total[rows])
+                group = (prompt, jax.tree.map(lambda x, rows=rows: x[rows] if np.ndim(x) else x, samples), scores.total[rows])
                 informative = np.ptp(scores.total[rows]) > 0
                 (kept if informative or not exp.dynamic_sampling else dropped).append(group)
             if len(kept) >= exp.prompts_per_step or rounds >= exp.max_sampling_rounds or not exp.dynamic_sampling:
@@ -442,33 +421,13 @@ class Rollout:
         if len(groups) < exp.prompts_per_step:
             raise RuntimeError(f"grpo: only {len(groups)} prompt groups for a batch of {exp.prompts_per_step} "
                                f"(the prompt stream ended: data.num_epochs?)")
-        info = _reward_metrics([s for s, _ in all_scores], [smp for _, smp in all_scores], self.reward_fns)
+        info = _reward_metrics([s for s, _ in all_scores], self.sampler.reward_fns)
         info.update({"time/generate": t_gen, "time/score": t_score, "generated_tokens_per_s": tokens / max(t_gen, 1e-9),
                      "prompts/skipped": float(self.prompts.skipped)})
         if exp.dynamic_sampling:
             info.update({"dynamic/rounds": float(rounds), "dynamic/kept_groups": float(len(kept)),
                          "dynamic/zero_variance_groups_trained": float(max(0, exp.prompts_per_step - len(kept)))})
         return groups, info
-
-    def _generate(self, params, prompts: list[Prompt], key, *, n: int, temperature: float):
-        ids, mask = sampler_lib.pad_prompts([p.ids.tolist() for p in prompts], self.pad)
-        exp = self.exp
-        return sampler_lib.sample(self.cfg, params, ids, mask, key, n=n, max_new_tokens=exp.max_completion_len,
-                                  eos_ids=self.eos, stop_sequences=self.stops, temperature=temperature,
-                                  top_k=exp.top_k if temperature else None, top_p=exp.top_p if temperature else None,
-                                  min_p=exp.min_p if temperature else None, pad_id=self.pad, mesh=self.mesh,
-                                  cache_dtype=self.cache_dtype)
-
-    def _score(self, prompts: list[Prompt], samples, *, n: int) -> rewards_lib.Scores:
-        tokens, mask = np.asarray(samples.tokens), np.asarray(samples.mask)
-        completions = [self.tokenizer.decode(t[m], skip_special_tokens=True) for t, m in zip(tokens, mask)]
-        per_row = [p for p in prompts for _ in range(n)]
-        fields: dict[str, list] = {k: [p.fields.get(k) for p in per_row] for k in per_row[0].fields}
-        fields["completion_lengths"] = [int(x) for x in np.asarray(samples.lengths)]
-        return rewards_lib.score(self.reward_fns, [p.prompt for p in per_row], completions, fields, pool=self.pool)
-
-    def _correct(self, scores: rewards_lib.Scores) -> np.ndarray:
-        return np.nan_to_num(scores.per_fn[self.reward_fns[0].label], nan=0.0) >= 1.0
 
     # -- batches -----------------------------------------------------------------------------------
 
@@ -521,7 +480,7 @@ class Rollout:
             yield mb
 
 
-def _reward_metrics(scores: list[rewards_lib.Scores], samples: list, reward_fns) -> dict:
+def _reward_metrics(scores: list[rewards_lib.Scores], reward_fns) -> dict:
     """Reward means/stds per function and in total, accuracy, over every completion generated this step."""
     total = np.concatenate([s.total for s in scores])
     out = {"reward": float(total.mean()), "reward_std": float(total.std(ddof=1)) if total.size > 1 else 0.0}
