@@ -3,20 +3,30 @@
 One run builds a small Llama once with polmjax and saves it as a Hugging Face directory (so every framework
 samples from the *same weights*), writes one batch of random prompts as .npy, then runs each framework in its
 own subprocess, one after the other, and prints one table: seconds per generate call (median of --calls timed
-calls after --warmup untimed ones), generated tokens/s, the ratio to polmjax, and whether the framework's
-greedy tokens equal polmjax's. Every row does the same work: fp32, greedy, batch B of P-token prompts (no
-padding), N new tokens per row (no end token), on CPU.
+calls after --warmup untimed ones), generated tokens/s, the ratio to the first polmjax row of the same work,
+and whether the framework's greedy tokens equal polmjax's. Every row does the same work: fp32, batch B of
+P-token prompts (no padding), N new tokens per row (no end token), on CPU; either
+
+  greedy   one completion per prompt, temperature 0 (B x N tokens a call), or
+  sampled  --samples completions per prompt at temperature 1, no top-k/top-p (B x samples x N tokens a call:
+           the rollout of a GRPO step; tokens differ between frameworks, their RNGs do).
 
 Rows (the code path each one times):
-  polmjax       polmjax.generate.generate          prefill + decode loop in one jit, KV cache updated in place
-  transformers  model.generate(do_sample=False)    torch CPU, sdpa, default dynamic cache
-  tunix         tunix.generate.sampler.Sampler     the vanilla sampler (prefill jit + decode while_loop jit)
+  greedy   polmjax       polmjax.generate.generate       prefill + decode loop in one jit, cache updated in place
+  greedy   polmjax       polmjax.rl.sampler.sample       the RL sampler: jitted prefill into a prompt-sized cache,
+                                                         jitted while-loop decode (n=1)
+  greedy   transformers  model.generate(do_sample=False) torch CPU, sdpa, default dynamic cache
+  greedy   tunix         tunix.generate.sampler.Sampler  the vanilla sampler (prefill jit + decode while_loop jit)
+  sampled  polmjax       polmjax.rl.sampler.sample(n)    one prefill per prompt, its cache rows repeated n times
+  sampled  transformers  generate(num_return_sequences)  prompts expanded n times before the prefill
+  sampled  tunix         Sampler(prompts repeated n x)   no n option; tunix's GRPO learner repeats the prompts too
 
 polmjax runs in this interpreter's environment; transformers and tunix in the peers' venv (`peer_venv.py`:
 `--peer-python`, else experiments/benchmarks/.peer-venv, built on first use). Run from the repository root:
 
     .venv/bin/python experiments/benchmarks/sampler_throughput.py
     .venv/bin/python experiments/benchmarks/sampler_throughput.py --rounds 3 --only polmjax,tunix
+    .venv/bin/python experiments/benchmarks/sampler_throughput.py --quick     # every row once, tiny sizes (smoke)
 
 Shared machines: each timed call records the CPU share other processes took meanwhile; the table's s/call is
 the median of the "quiet" calls (others < --quiet) when there are at least 3, and --rounds N reruns every row
@@ -51,9 +61,13 @@ from peer_venv import default_peer_python, peer_python  # noqa: E402
 MODEL = dict(family="llama", vocab_size=2048, hidden_size=256, intermediate_size=704, num_layers=4, num_heads=4,
              num_kv_heads=2, head_dim=64, rope=dict(theta=1e6))
 
-# (row key, peer script, interpreter: "self" or "peer")
-ROWS = [("polmjax", "polmjax_sampler.py", "self"), ("transformers", "hf_sampler.py", "peer"),
-        ("tunix", "tunix_sampler.py", "peer")]
+# (framework, peer script, --mode, interpreter: "self" or "peer"); a mode "sampled" row does the sampled work
+ROWS = [("polmjax", "polmjax_sampler.py", "generate", "self"), ("polmjax", "polmjax_sampler.py", "greedy", "self"),
+        ("transformers", "hf_sampler.py", "greedy", "peer"), ("tunix", "tunix_sampler.py", "greedy", "peer"),
+        ("polmjax", "polmjax_sampler.py", "sampled", "self"), ("transformers", "hf_sampler.py", "sampled", "peer"),
+        ("tunix", "tunix_sampler.py", "sampled", "peer")]
+FRAMEWORKS = ("polmjax", "transformers", "tunix")
+QUICK = dict(batch=2, prompt_len=8, new_tokens=8, samples=2, calls=1, warmup=1, rounds=1, quiet_wait=0.0)
 
 
 def main(argv=None):
@@ -61,6 +75,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--samples", type=int, default=4,
+                   help="completions per prompt of the sampled rows (0: greedy rows only)")
     p.add_argument("--calls", type=int, default=3, help="timed generate calls a row (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls first (compilation)")
     p.add_argument("--rounds", type=int, default=1,
@@ -71,45 +87,52 @@ def main(argv=None):
                         "peer venv, built on first use)")
     p.add_argument("--quiet", type=float, default=0.10,
                    help="a call is 'quiet' when other processes took less than this share of the CPUs meanwhile")
-    p.add_argument("--quiet-wait", type=float, default=30.0,
+    p.add_argument("--quiet-wait", type=float, default=15.0,
                    help="before each row wait up to this many seconds for the machine to be quiet")
     p.add_argument("--timeout", type=int, default=900, help="seconds allowed to each peer subprocess")
     p.add_argument("--workdir", default=None, help="keep the HF model, prompts, tokens and peer logs here")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run: every row once with tiny sizes (" + ", ".join(f"{k}={v}" for k, v in
+                                                                                 QUICK.items()) + "); no timing value")
     args = p.parse_args(argv)
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(args, k, v)
     only = {s.strip().lower() for s in args.only.split(",") if s.strip()}
-    if only - {r[0] for r in ROWS}:
-        p.error(f"--only: unknown {sorted(only - {r[0] for r in ROWS})}; choose from polmjax,transformers,tunix")
-    if args.warmup < 1 or args.calls < 1 or args.rounds < 1:
-        p.error("--warmup, --calls and --rounds must be >= 1")
-    rows = [r for r in ROWS if not only or r[0] in only]
-    peer = peer_python(args.peer_python) if any(r[2] == "peer" for r in rows) else None
+    if only - set(FRAMEWORKS):
+        p.error(f"--only: unknown {sorted(only - set(FRAMEWORKS))}; choose from {','.join(FRAMEWORKS)}")
+    if args.warmup < 1 or args.calls < 1 or args.rounds < 1 or args.samples < 0:
+        p.error("--warmup, --calls and --rounds must be >= 1, --samples >= 0")
+    rows = [r for r in ROWS if (not only or r[0] in only) and (args.samples or r[2] != "sampled")]
+    peer = peer_python(args.peer_python) if any(r[3] == "peer" for r in rows) else None
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="sampler_throughput_")
     os.makedirs(workdir, exist_ok=True)
     print(f"== sampling throughput: batch {args.batch} x prompt {args.prompt_len} + {args.new_tokens} new tokens, "
-          f"greedy, fp32, {args.calls} timed calls after {args.warmup} warm-up, {args.rounds} round(s); "
-          f"workdir {workdir}")
+          f"greedy" + (f" and {args.samples} samples a prompt at T=1" if args.samples else "") + f", fp32, "
+          f"{args.calls} timed calls after {args.warmup} warm-up, {args.rounds} round(s); workdir {workdir}")
     hf_dir, prompts_path = _prepare(workdir, args)
     load_before = os.getloadavg()
     common = ["--hf-dir", hf_dir, "--prompts", prompts_path, "--new-tokens", str(args.new_tokens),
-              "--calls", str(args.calls), "--warmup", str(args.warmup)]
-    results = {r[0]: None for r in rows}
+              "--calls", str(args.calls), "--warmup", str(args.warmup), "--samples", str(max(args.samples, 1))]
+    results = {(r[0], r[2]): None for r in rows}
     versions = {}
     for rnd in range(args.rounds):
-        for key, script, interp in rows if rnd % 2 == 0 else rows[::-1]:
+        for key, script, mode, interp in rows if rnd % 2 == 0 else rows[::-1]:
             busy = _wait_quiet(args.quiet_wait, args.quiet)
-            out = os.path.join(workdir, f"{key}_r{rnd}.json")
+            out = os.path.join(workdir, f"{key}_{mode}_r{rnd}.json")
             python = sys.executable if interp == "self" else peer
-            r = _run_peer(python, script, common + ["--out", out], out, workdir, args.timeout)
+            r = _run_peer(python, script, common + ["--mode", mode, "--out", out], out, workdir, args.timeout)
             r.setdefault("framework", key)
+            r["mode"] = mode
             versions.update(r.get("versions", {}))
-            print(f"   round {rnd + 1}: {key:12s} "
+            print(f"   round {rnd + 1}: {key:12s} {mode:8s} "
                   + (f"{statistics.median(r['step_times']):.3f} s/call" if r.get("step_times")
                      else f"SKIPPED: {r.get('error')}")
                   + f"  [{r.get('wall_s', 0):.0f}s; machine busy before {busy:.0%}]", flush=True)
-            prev = results[key]
+            prev = results[(key, mode)]
             if prev is None or not prev.get("step_times"):
-                results[key] = r
+                results[(key, mode)] = r
             elif r.get("step_times"):
                 prev["step_times"] += r["step_times"]
                 prev["step_others"] += r["step_others"]
@@ -165,38 +188,49 @@ def _seconds(r, quiet):
 
 
 def _print_report(results, versions, args, load_before, load_after):
-    tokens = args.batch * args.new_tokens
-    base = results.get("polmjax")
-    base_ok = base is not None and base.get("step_times")
-    base_s = _seconds(base, args.quiet)[0] if base_ok else None
-    base_tokens = np.load(base["tokens"]) if base_ok else None
+    ok = {k: r for k, r in results.items() if r and r.get("step_times")}
+    base = {}  # work -> (s/call, tokens) of the first polmjax row of that work
+    for (key, mode), r in ok.items():
+        work = _work(mode)
+        if key == "polmjax" and work not in base:
+            base[work] = (_seconds(r, args.quiet)[0], np.load(r["tokens"]))
     print()
-    print("| framework | code path timed | s/call | tokens/s | polmjax speed-up | greedy tokens == polmjax |")
-    print("|---|---|---:|---:|---:|---|")
+    print("| work | framework | code path timed | s/call | tokens/s | vs polmjax | greedy tokens == polmjax |")
+    print("|---|---|---|---:|---:|---:|---|")
     flagged = False
-    for key, r in results.items():
-        if not r or not r.get("step_times"):
-            print(f"| {key} | SKIPPED: {(r or {}).get('error')} | | | | |")
+    for (key, mode), r in results.items():
+        work = _work(mode)
+        if (key, mode) not in ok:
+            print(f"| {work} | {key} | {mode}: SKIPPED: {(r or {}).get('error')} | | | | |")
             continue
         sec, all_quiet = _seconds(r, args.quiet)
         flagged |= not all_quiet
-        same = "n/a" if base_tokens is None else _same(np.load(r["tokens"]), base_tokens)
-        print(f"| {r['framework']} | {r['path']} | {sec:.3f}{'' if all_quiet else '*'} | {tokens / sec:,.0f} | "
+        tokens = args.batch * args.new_tokens * (args.samples if work == "sampled" else 1)
+        base_s, base_tokens = base.get(work, (None, None))
+        same = ("n/a (sampled)" if work == "sampled" else "n/a" if base_tokens is None
+                else _same(np.load(r["tokens"]), base_tokens))
+        print(f"| {work} | {r['framework']} | {r['path']} | {sec:.3f}{'' if all_quiet else '*'} | {tokens / sec:,.0f} | "
               f"{f'{sec / base_s:.2f}x' if base_s else 'n/a'} | {same} |")
     print()
     print(f"s/call: median of the timed generate calls (quiet ones: other processes took < {args.quiet:.0%} of the "
-          f"CPUs meanwhile; * = fewer than 3 were quiet, all calls used). tokens/s = {tokens} generated tokens a "
-          f"call / s/call (prefill included). polmjax speed-up: this row's s/call / polmjax's.")
+          f"CPUs meanwhile; * = fewer than 3 were quiet, all calls used). tokens/s = generated tokens a call "
+          f"({args.batch * args.new_tokens} greedy, {args.batch * max(args.samples, 1) * args.new_tokens} sampled) / "
+          f"s/call (prefill included). vs polmjax: this row's s/call / that of the first polmjax row of the same "
+          f"work (> 1: slower).")
     if flagged:
         print("WARNING: some rows were timed on a busy machine (*): rerun with --rounds 3.")
     for r in results.values():
         for note in (r or {}).get("notes", []):
-            print(f"note ({r.get('framework')}): {note}")
+            print(f"note ({r.get('framework')}, {r.get('mode')}): {note}")
     print()
     print("versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())))
     print(f"hardware: {_cpu_model()}, {os.cpu_count()} logical cores ({len(os.sched_getaffinity(0))} usable), "
           f"{platform.system()} {platform.release()}, python {platform.python_version()}")
     print(f"load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f}")
+
+
+def _work(mode):
+    return "sampled" if mode == "sampled" else "greedy"
 
 
 def _same(tokens, base):

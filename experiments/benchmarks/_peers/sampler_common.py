@@ -12,19 +12,23 @@ import numpy as np
 import peer_common as common
 
 
-def parse_args():
+def parse_args(modes):
+    """modes: this peer's code paths; "greedy" (n = 1, temperature 0) and "sampled" (--samples completions
+    of every prompt at temperature 1, no top-k/top-p) are the work every framework does alike."""
     p = argparse.ArgumentParser()
+    p.add_argument("--mode", choices=modes, required=True)
+    p.add_argument("--samples", type=int, default=1, help="--mode sampled: completions per prompt")
     p.add_argument("--hf-dir", required=True)
     p.add_argument("--prompts", required=True, help=".npy int32 [B, P] prompt token ids (no padding)")
     p.add_argument("--new-tokens", type=int, required=True, help="tokens generated per row (no end token stops it)")
     p.add_argument("--calls", type=int, required=True, help="timed generate calls")
     p.add_argument("--warmup", type=int, required=True, help="untimed calls first (compilation)")
-    p.add_argument("--out", required=True, help="result .json; the greedy tokens go beside it as .npy")
+    p.add_argument("--out", required=True, help="result .json; the tokens go beside it as .npy")
     return p.parse_args()
 
 
 def time_calls(generate, args):
-    """Call `generate()` (which returns int tokens [B, new_tokens] on the host) warmup + calls times.
+    """Call `generate()` (which returns int tokens [rows, new_tokens] on the host) warmup + calls times.
 
     Returns (the first call's tokens, Clock.steps of the timed calls).
     """
@@ -32,10 +36,10 @@ def time_calls(generate, args):
     return np.asarray(first), steps
 
 
-def write(args, tokens_BN, steps, **result):
+def write(args, tokens_RN, steps, **result):
     """The result .json (call seconds, others' CPU share, ...) and the tokens as .npy beside it."""
     tokens_path = args.out.replace(".json", "_tokens.npy")
-    np.save(tokens_path, np.asarray(tokens_BN, np.int32))
+    np.save(tokens_path, np.asarray(tokens_RN, np.int32))
     result["tokens"] = tokens_path
     common.write(args, steps, **result)
 

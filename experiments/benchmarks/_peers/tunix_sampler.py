@@ -2,8 +2,12 @@
 
 The model comes from the shared HF directory through `tunix.models.llama3.params.create_model_from_safe_tensors`.
 The Sampler takes strings: a whitespace "tokenizer" over the model's token ids feeds it the same prompts
-(encoding and decoding them is part of every call, as it is for a tunix user). Greedy (the default mode),
-fp32, cache of prompt + new tokens, no end token (an id outside the vocabulary), no padding.
+(encoding and decoding them is part of every call, as it is for a tunix user). fp32, cache of prompt + new
+tokens, no end token (an id outside the vocabulary), no padding.
+--mode greedy: temperature 0, no top_p (tunix's greedy mode).
+--mode sampled: the Sampler has no n-samples-per-prompt option; as tunix's GRPO learner does, every prompt is
+  repeated --samples times (each copy prefilled) and sampled at temperature 1 with top_p=1.0 (tunix's top_p
+  mode, which skips the sort when top_p is 1 and top_k is unset: plain categorical sampling).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ class IdTokenizer:
 
 
 def main():
-    args = common.parse_args()
+    args = common.parse_args(["greedy", "sampled"])
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -61,14 +65,22 @@ def main():
         cache_size=P + args.new_tokens, num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads,
         head_dim=cfg.head_dim))
     texts = [IdTokenizer().decode(row) for row in prompts_BP]
+    if args.mode == "greedy":
+        sampling = dict(temperature=0.0)
+    else:
+        texts = [t for t in texts for _ in range(args.samples)]  # prompt b's copies adjacent, as polmjax's rows
+        seeds = iter(range(10**6))  # a fresh seed every call
+        sampling = dict(temperature=1.0, top_p=1.0)
 
     def call():
+        kw = sampling if args.mode == "greedy" else dict(sampling, seed=next(seeds))
         out = sampler(texts, max_generation_steps=args.new_tokens, max_prompt_length=P,
-                      eos_tokens=[cfg.vocab_size], temperature=0.0)
+                      eos_tokens=[cfg.vocab_size], **kw)
         return np.stack([np.asarray(t) for t in out.tokens])
 
     tokens, steps = common.time_calls(call, args)
-    common.write(args, tokens, steps, framework="tunix", path="tunix.generate.sampler.Sampler (greedy)",
+    common.write(args, tokens, steps, framework="tunix", path="tunix.generate.sampler.Sampler (" + (
+                     "greedy)" if args.mode == "greedy" else f"prompts x{args.samples}, T=1, top_p=1)"),
                  versions=common.versions("google-tunix", "jax", "jaxlib", "flax"),
                  notes=[f"tunix llama3, weights from the shared HF dir, rope_theta={cfg.rope_theta}, "
                         f"{jax.devices()[0].platform}"])
