@@ -4,6 +4,9 @@
   polmjax dpo EXPERIMENT.py [--set key=value ...]   DPO and its family (loss= in the experiment), same contract
   polmjax kto EXPERIMENT.py [--set key=value ...]   KTO / unpaired APO-zero on prompt/completion/label data
   polmjax grpo EXPERIMENT.py [--set key=value ...]  GRPO family RL: sample, verify, update, in one program
+  polmjax quickstart [--out DIR] [--model HF_DIR] [--data FILE] [--set stage.key=value ...]
+                                        the whole pipeline (SFT -> reward model -> DPO -> GRPO) on one
+                                        verifiable task, evaluated on held-out prompts (polmjax.quickstart)
   polmjax export RUN_DIR [--step N] [--out DIR]    a checkpoint as an HF model directory (+ PEFT adapter)
   polmjax demo [--out DIR]              build a tiny Llama-style model, save it as an HF directory, reload it
                                         sharded over every local device, compare its logits with
@@ -48,6 +51,13 @@ def main(argv: list[str] | None = None) -> int:
                        help="continue a run directory whose saved config differs (the old one is kept as "
                             "config.<n>.json; its checkpoints must still fit)")
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    quick = sub.add_parser("quickstart", help="SFT -> reward model -> DPO -> GRPO on one task, with a table")
+    quick.add_argument("--out", default="runs/quickstart", help="where every stage's run directory goes")
+    quick.add_argument("--model", default="", help="an HF model directory to start from (default: a tiny model)")
+    quick.add_argument("--data", default="", help="prompt + answer (+ solution) JSONL (default: toy tasks)")
+    quick.add_argument("--seed", type=int, default=0)
+    quick.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                       help="override a stage's experiment, e.g. --set grpo.train.steps=100 (repeatable)")
     demo = sub.add_parser("demo", help="tiny end-to-end check of models, HF interop, sharding and decoding")
     demo.add_argument("--out", default="runs/demo", help="where the HF model directory is written")
     exp = sub.add_parser("export", help="export a run's checkpoint as an HF model directory (+ PEFT adapter)")
@@ -58,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     logits.add_argument("model_dir")
     logits.add_argument("--ids", default="1,2,3,4", help="comma-separated input token ids")
     logits.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    for p in (demo, exp, logits):
+    for p in (quick, demo, exp, logits):
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     _quiet_libraries()
@@ -80,6 +90,11 @@ def _dispatch(args) -> int:
     initialize_distributed()
     if args.command in ALGORITHMS:
         return _train(args.command, args.experiment, args.overrides, args.allow_config_change)
+    if args.command == "quickstart":
+        from polmjax.quickstart import Settings, main as quickstart
+
+        quickstart(Settings(out=args.out, model=args.model, data=args.data, seed=args.seed), args.overrides)
+        return 0
     if args.command == "export":
         from polmjax.train.run import export_run
 
