@@ -82,6 +82,7 @@ def _hand_values():
         "discopop": ({"beta": b, "tau": tau},
                      -_logsig(b * d) * (1 - _sig(b * d / tau)) + np.exp(-b * d) * _sig(b * d / tau)),
         "sigmoid_norm": ({"beta": b}, -_logsig(b * d_avg)),
+        "dpo_offset": ({"beta": b, "gamma": 0.3}, -_logsig(b * d - 0.3)),  # the README's "fork it" example
         "simpo": ({"beta": 2.0, "gamma": 0.5}, -_logsig(2.0 * (c_avg - r_avg) - 0.5)),
         "orpo": ({}, -_logsig(odds(c_avg) - odds(r_avg))),
     }
@@ -96,7 +97,7 @@ def _call(fn, inputs, **kwargs):
 def test_table_matches_trl_loss_type_names():
     trl_dpo = {"sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm"}  # TRL 1.16 minus "sft"
-    assert set(PREFERENCE_LOSSES) == trl_dpo | {"simpo", "orpo"}
+    assert set(PREFERENCE_LOSSES) == trl_dpo | {"simpo", "orpo", "dpo_offset"}
     assert set(KTO_LOSSES) == {"kto", "apo_zero_unpaired"}
     assert set(_hand_values()) == set(PREFERENCE_LOSSES)
 

@@ -275,6 +275,17 @@ def combine(losses: dict[str, jax.Array], weights: dict[str, float] | None = Non
     return sum(weights[name] * _f32(loss) for name, loss in losses.items())
 
 
+def dpo_offset(chosen, rejected, ref_chosen, ref_rejected, *, beta, gamma=0.0):
+    """DPO with a target margin γ on the implicit reward (ODPO's offset, Amini et al. 2024,
+    arXiv:2402.10571, with a constant offset instead of a per-pair one).
+
+        L = −log σ(βΔ − γ)
+
+    The README's "fork it" example of a new loss: this function and its entry below are all it takes.
+    """
+    return -jax.nn.log_sigmoid(beta * _delta(chosen, rejected, ref_chosen, ref_rejected) - gamma)
+
+
 PREFERENCE_LOSSES = {
     "sigmoid": dpo,
     "robust": robust_dpo,
@@ -290,6 +301,7 @@ PREFERENCE_LOSSES = {
     "apo_down": apo_down,
     "discopop": discopop,
     "sigmoid_norm": sigmoid_norm,
+    "dpo_offset": dpo_offset,
     "simpo": simpo,
     "orpo": orpo,
 }
