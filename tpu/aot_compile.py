@@ -48,10 +48,18 @@ def main(argv=None) -> int:
                         help="a TPU slice (v5e:2x2, v5p:2x2x1, v6e:2x2) or GPUs (h100:8, h200:1, a100:4)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args(argv)
-    report = compile_step(args.experiment, args.target, args.overrides)
+    try:
+        report = compile_step(args.experiment, args.target, args.overrides)
+    except DoesNotFit as e:
+        print(f"does not fit on {args.target}: {e}")
+        return 1
     for k, v in report.items():
         print(f"{k:>24}: {v}")
     return 0 if report["fits"] else 1
+
+
+class DoesNotFit(Exception):
+    """The compiler ran out of device memory for one of the experiment's programs (named in the message)."""
 
 
 def compile_step(experiment: str, target: str, overrides=()) -> dict:
@@ -69,7 +77,7 @@ def compile_step(experiment: str, target: str, overrides=()) -> dict:
     cfg = _model_config(exp)
     step, (state, frozen, batch) = abstract_step(exp, algorithm, cfg, mesh)
     start = time.perf_counter()
-    compiled = step.lower(state, frozen, batch).compile()
+    compiled = _compile(step.lower(state, frozen, batch), "the train step")
     compile_s = time.perf_counter() - start
     mem = compiled.memory_analysis()
     total = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
@@ -139,19 +147,19 @@ def compile_rollout(exp, cfg, mesh, state, frozen) -> dict:
     programs = {}
 
     start = time.perf_counter()
-    prefill = sampler_lib.prefill_prompts.lower(cfg, params, prompts, prompts, mesh=mesh,
-                                                cache_dtype=cache_dtype).compile()
+    prefill = _compile(sampler_lib.prefill_prompts.lower(cfg, params, prompts, prompts, mesh=mesh,
+                                                         cache_dtype=cache_dtype), "the sampler's prefill")
     programs["prefill"] = _program(prefill, 2 * _bytes_per_device(prompts), start)
 
     start = time.perf_counter()
     logits, cache, pos = prefill.out_info
     key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=replicated)
     sampled = exp.temperature > 0
-    decode = sampler_lib.decode.lower(
+    decode = _compile(sampler_lib.decode.lower(
         cfg, params, logits, cache, pos, key, n=exp.num_generations, max_new_tokens=exp.max_completion_len,
         eos=() if exp.ignore_eos else (0,), stops=(), temperature=float(exp.temperature),
         top_k=exp.top_k if sampled else None, top_p=exp.top_p if sampled else None,
-        min_p=exp.min_p if sampled else None, pad_id=0, mesh=mesh).compile()
+        min_p=exp.min_p if sampled else None, pad_id=0, mesh=mesh), "the sampler's decode")
     programs["decode"] = _program(decode, prefill.memory_analysis().output_size_in_bytes, start)
 
     forwards = {"old_logps": (params, cfg)} if not exp.on_policy else {}
@@ -164,9 +172,19 @@ def compile_rollout(exp, cfg, mesh, state, frozen) -> dict:
     for name, (p, model_cfg) in forwards.items():
         start = time.perf_counter()
         fn = jax.jit(functools.partial(grpo.policy_logprobs, model_cfg, temperature=exp.temperature, mesh=mesh))
-        compiled = fn.lower(p, rollout).compile()
+        compiled = _compile(fn.lower(p, rollout), f"the rollout's {name} forward")
         programs[name] = _program(compiled, _bytes_per_device(rollout), start)
     return programs
+
+
+def _compile(lowered, what: str):
+    """`lowered.compile()`, an out-of-memory error raised as DoesNotFit naming `what` ran out."""
+    try:
+        return lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        raise DoesNotFit(f"{what}: {e}") from None
 
 
 def _program(compiled, other_inputs: int, start: float) -> dict:
