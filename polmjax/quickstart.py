@@ -8,7 +8,11 @@ Stages, each in its own run directory under --out (a killed quickstart reruns to
 reached: the runs resume, finished stages are skipped, their evaluations are cached in results.json):
 
   data   toy tasks written offline (or --data: `prompt` + `answer` rows, optional `solution`), split into
-         SFT examples (worked solutions), RL prompts and held-out test prompts that appear in neither;
+         SFT examples (worked solutions), RL prompts and held-out test prompts that appear in neither.
+         The toy demonstrations are imperfect on purpose (`demo_noise`): 60% of the "reverse" ones copy
+         the letters unreversed, so the SFT model learns the flaw as its most likely answer while its
+         samples are sometimes right: what a verifier (pairs, reward model, RL) can fix and more
+         demonstrations of the same kind cannot;
   sft    SFT on the worked solutions (from a random init, or from --model);
   pairs  `pair_samples` samples per RL prompt from the SFT model, checked by the verifier: a prompt with a
          right and a wrong sample gives a preference pair (chosen = right), as in rejection-sampling
@@ -41,7 +45,7 @@ from polmjax.data import toy as toy_lib
 from polmjax.data.prompts import PromptSource
 from polmjax.models import ModelConfig, RopeConfig
 from polmjax.models.hf import from_pretrained
-from polmjax.train.config import MeshConfig, ModelSource, TrainConfig
+from polmjax.train.config import ModelSource, TrainConfig
 from polmjax.train.optim import OptimConfig
 
 log = logging.getLogger("polmjax")
@@ -63,6 +67,9 @@ class Settings:
     pass_k: int = 4
     pair_prompts: int = 4096
     pair_samples: int = 4
+    # toy data only: the fraction of "reverse" demonstrations that copy the letters instead of reversing
+    # them, a systematic flaw of the SFT data that the verifier sees and the demonstrations cannot fix
+    demo_noise: float = 0.6
 
 
 def main(settings: Settings, overrides: list[str] = ()) -> dict:
@@ -119,7 +126,7 @@ def prepare_data(s: Settings) -> Data:
     if os.path.exists(data.test):
         return data
     os.makedirs(d, exist_ok=True)
-    rows = _user_rows(s.data) if s.data else _toy_rows(s.seed)
+    rows = _user_rows(s.data) if s.data else _toy_rows(s.seed, s.demo_noise)
     rng = random.Random(s.seed)
     rng.shuffle(rows)
     key = lambda r: json.dumps(r["prompt"], sort_keys=True)  # noqa: E731
@@ -138,12 +145,17 @@ def prepare_data(s: Settings) -> Data:
     return data
 
 
-def _toy_rows(seed: int) -> list[dict]:
+def _toy_rows(seed: int, demo_noise: float) -> list[dict]:
+    """Toy tasks with their answers; `solution` (the SFT demonstration) copies the letters of a "reverse"
+    task unreversed with probability `demo_noise`."""
     rng = random.Random(seed)
     rows = []
     for _ in range(8000):
         prompt, answer = toy_lib._task(rng)
-        rows.append({"prompt": [{"role": "user", "content": prompt}], "answer": answer})
+        solution = answer
+        if prompt.startswith("reverse: ") and rng.random() < demo_noise:
+            solution = prompt[len("reverse: "):]
+        rows.append({"prompt": [{"role": "user", "content": prompt}], "answer": answer, "solution": solution})
     return rows
 
 
@@ -198,12 +210,15 @@ def stage_experiments(s: Settings, data: Data, overrides: list[str]) -> dict:
             optim=OptimConfig(lr=5e-3, schedule="cosine", warmup_steps=20, weight_decay=0.01)),
         "rm": RMExperiment(
             model=ModelSource(path=sft_model, num_labels=1), data=DataConfig(path=data.pairs, packing="best_fit"),
-            train=TrainConfig(run_dir=run_dir("rm"), steps=60, global_batch=16, seq_len=128, **quiet),
+            train=TrainConfig(run_dir=run_dir("rm"), steps=150, global_batch=16, seq_len=128, **quiet),
             optim=OptimConfig(lr=1e-3, schedule="cosine", warmup_steps=10)),
         "dpo": DPOExperiment(
             model=ModelSource(path=sft_model), data=DataConfig(path=data.pairs, packing="best_fit"),
-            train=TrainConfig(run_dir=run_dir("dpo"), steps=60, global_batch=16, seq_len=128, **quiet),
-            optim=OptimConfig(lr=3e-4, schedule="cosine", warmup_steps=10), loss="sigmoid", beta=0.1),
+            train=TrainConfig(run_dir=run_dir("dpo"), steps=100, global_batch=16, seq_len=128, **quiet),
+            # DPO + the chosen responses' NLL (RPO, as iterative reasoning preference optimisation,
+            # Pang et al. 2024): plain DPO lowers the likelihood of both responses of a pair
+            optim=OptimConfig(lr=5e-4, schedule="cosine", warmup_steps=10), loss="sigmoid", beta=0.1,
+            nll_weight=1.0),
         "grpo": GRPOExperiment(
             model=ModelSource(path=sft_model), data=DataConfig(path=data.rl),
             train=TrainConfig(run_dir=run_dir("grpo"), steps=60, global_batch=64, seq_len=64,
@@ -274,8 +289,12 @@ class Evaluator:
         correct = sampler.correct(sampler.score(self.test, draws, n=k)).reshape(-1, k)
         reward_model = from_pretrained(rm_dir, mesh=self.mesh)
         prompts = [p.prompt for p in self.test for _ in range(k)]
-        completions = [_assistant({"prompt": p}, t) for p, t in zip(prompts, sampler.texts(draws))]
-        r = score(reward_model, self.tokenizer, prompts, completions).reshape(-1, k)
+        texts = sampler.texts(draws)
+        scored = [i for i, t in enumerate(texts) if t.strip()]  # an empty completion is a row the data refuses
+        r = np.full(len(texts), -np.inf, np.float32)
+        r[scored] = score(reward_model, self.tokenizer, [prompts[i] for i in scored],
+                          [_assistant({"prompt": prompts[i]}, texts[i]) for i in scored])
+        r = r.reshape(-1, k)
         picked = correct[np.arange(len(correct)), r.argmax(axis=1)]
         return {"accuracy": float(picked.mean()), f"pass@{k}": float(correct.any(axis=1).mean()),
                 "accuracy_sampled": float(correct.mean()), "prompts": float(len(correct))}
@@ -296,9 +315,11 @@ def mine_pairs(s: Settings, data: Data, sft_model: str, evaluator: Evaluator) ->
         correct = sampler.correct(sampler.score(chunk, draws, n=s.pair_samples)).reshape(len(chunk), -1)
         texts = np.asarray(sampler.texts(draws), object).reshape(len(chunk), -1)
         for p, ok, t in zip(chunk, correct, texts):
-            if ok.any() and (~ok).any():
+            said = np.array([bool(x.strip()) for x in t])  # an empty response is not a preference example
+            ok, wrong = ok & said, ~ok & said
+            if ok.any() and wrong.any():
                 row = {"prompt": p.prompt}
-                rows.append(row | {"chosen": _assistant(row, t[ok][0]), "rejected": _assistant(row, t[~ok][0])})
+                rows.append(row | {"chosen": _assistant(row, t[ok][0]), "rejected": _assistant(row, t[wrong][0])})
     if not rows:
         raise RuntimeError("no preference pairs: the SFT model's samples are all right or all wrong; "
                            "raise pair_samples or the sampling temperature")
