@@ -22,8 +22,18 @@ whole `solution`, which math_reward reads when there is no `answer` column. To s
     # will it fit (config.json only, no weights): the update, the sampler and the old policy's forward
     python tpu/aot_compile.py experiments/grpo/qwen2p5_1p5b_math_dapo.py --target v5p:2x2x1 --set model.path=DIR
 
-Memory fit, compiled ahead of time from a CPU host (`tpu/aot_compile.py`), per chip:
-(not measured yet)
+Memory fit, compiled ahead of time from a CPU host (`tpu/aot_compile.py`; a directory holding only the
+model's config.json is enough), GiB per chip. The update (one mini-batch of 64 rows) holds the state (fp32
+params + Adam); the sampler (16 prompts of 512 tokens, 16 x 2048 new tokens: a 256 x 2560-slot bf16 KV
+cache, 2 kv heads) and the old policy's forward over the whole rollout (256 x 2560) run while it stays
+resident; peak = the largest:
+
+    target     grad_accum  update: args + temp = total  sampler (decode temp)  old-policy fwd  peak / HBM  compile
+    v5p:2x2x1   2          4.32 + 36.41 = 40.73         10.59 (6.22)           10.59           40.7 / 95   175 + 85 s
+    v5e:2x4     8          2.16 +  7.39 =  9.55          6.54 (4.35)            9.94            9.9 / 16   334 + 127 s
+
+(v5e: `--set train.grad_accum=8`; there the old-policy forward, one program over all 256 rows, is the peak.
+Compile times: update + rollout programs, on a loaded 2-core host.)
 """
 
 from polmjax.data import DataConfig

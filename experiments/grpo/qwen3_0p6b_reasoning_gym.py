@@ -20,8 +20,17 @@ weights, FSDP over every chip, scan over layers with remat.
     # will it fit (config.json only, no weights): the update and the sampler
     python tpu/aot_compile.py experiments/grpo/qwen3_0p6b_reasoning_gym.py --target v5e:2x4 --set model.path=DIR
 
-Memory fit, compiled ahead of time from a CPU host (`tpu/aot_compile.py`), per chip:
-(not measured yet)
+Memory fit, compiled ahead of time from a CPU host (`tpu/aot_compile.py`; a directory holding only the
+model's config.json is enough), GiB per chip. The update holds the state (fp32 params + Adam); the sampler
+(32 prompts of 256 tokens, 8 x 1024 new tokens: a 256 x 1280-slot bf16 KV cache) runs while it stays
+resident; peak = the larger:
+
+    target     grad_accum  update: args + temp = total  sampler peak (decode temp)  peak / HBM  compile
+    v5e:2x4     4          0.84 + 10.03 = 10.87          6.34 (5.40)                10.9 / 16   464 + 73 s
+    v5p:2x2x1   4          1.67 + 19.44 = 21.11         11.74 (9.85)               21.1 / 95   194 + 87 s
+
+(grad_accum 2 on v5e:2x4 does not fit: 16.7 GiB of update temporaries. Compile times: update + rollout
+programs, on a loaded 2-core host.)
 """
 
 from polmjax.data import DataConfig
@@ -37,7 +46,7 @@ def config() -> GRPOExperiment:
         data=DataConfig(path="data/reasoning_gym/countdown.jsonl", format="prompt", eval_fraction=0.01),
         # 32 prompts x 8 completions; a row holds a prompt (<= 256 tokens) and its completion (<= 1024)
         train=TrainConfig(run_dir="runs/qwen3_0p6b_countdown_grpo", steps=300, global_batch=256, seq_len=1280,
-                          grad_accum=2, log_every=1, eval_every=50, eval_batches=4, save_every=25, keep=3),
+                          grad_accum=4, log_every=1, eval_every=50, eval_batches=4, save_every=25, keep=3),
         optim=OptimConfig(name="adamw", lr=1e-6, schedule="constant", warmup_steps=10, weight_decay=0.0,
                           clip_norm=1.0),
         mesh=MeshConfig(data=1, fsdp=-1, tensor=1),

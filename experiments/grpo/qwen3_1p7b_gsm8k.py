@@ -22,8 +22,16 @@ the first number of the reasoning in an `<answer>` tag, not the answer). Qwen3 t
     # will it fit (config.json only, no weights): the update, the sampler and the reference's forward
     python tpu/aot_compile.py experiments/grpo/qwen3_1p7b_gsm8k.py --target v5p:2x2x1 --set model.path=DIR
 
-Memory fit, compiled ahead of time from a CPU host (`tpu/aot_compile.py`), per chip:
-(not measured yet)
+Memory fit, compiled ahead of time from a CPU host (`tpu/aot_compile.py`; a directory holding only the
+model's config.json is enough), GiB per chip. The update holds the state (fp32 params + Adam) and the
+reference; the sampler (32 prompts of 512 tokens, 8 x 1024 new tokens: a 256 x 1536-slot bf16 KV cache)
+and the reference's forward over the whole rollout run while both stay resident; peak = the largest:
+
+    target     grad_accum  update: args + temp = total  sampler peak (decode temp)  ref forward  peak / HBM  compile
+    v5p:2x2x1   4          4.81 + 40.18 = 44.99         17.94 (12.69)               8.95         45.0 / 95   188 + 237 s
+    v5e:2x4    16          2.41 +  8.74 = 11.15          9.92 (7.29)                7.21         11.1 / 16   526 + 117 s
+
+(v5e: `--set train.grad_accum=16`; compile times: update + rollout programs, on a loaded 2-core host.)
 """
 
 from polmjax.data import DataConfig
