@@ -58,6 +58,14 @@ def test_math_verify_equalities():
     assert got[7] in (None, 0.0)  # a gold that does not parse is skipped (None), as TRL's accuracy_reward
 
 
+def test_math_reward_reads_the_final_answer_not_the_reasoning():
+    pytest.importorskip("math_verify")
+    completions = ["<think>maybe 42, or 7</think><answer>7</answer>", "<think>6 x 7 = 42</think><answer>42</answer>",
+                   "first \\boxed{3}, no: \\boxed{42}", "<think>\\boxed{42}?</think> it is \\boxed{41}", "\\boxed{3\\sqrt{2}}"]
+    got = math_reward(None, completions, ["42", "42", "42", "42", "3\\sqrt{2}"], backend="math_verify")
+    assert got == [0.0, 1.0, 1.0, 0.0, 1.0]
+
+
 @pytest.mark.parametrize("text, want", [
     ("so x = \\boxed{\\frac{1}{2}} done", "\\frac{1}{2}"),
     ("\\boxed{1} then \\boxed{\\dfrac{3}{\\sqrt{4}}}", "\\dfrac{3}{\\sqrt{4}}"),

@@ -186,8 +186,9 @@ def math_reward(prompts, completions, answer=None, *, solution=None, backend: st
     column name), else 0.0; None if the gold cannot be parsed (as TRL's `accuracy_reward`). A
     GSM8K-style gold ("...#### 42") is cut to what follows "####"; a MATH solution's `\\boxed{}` is
     found by either backend. `backend`: "math_verify", "builtin" (`builtin_verify`), or "auto" (math-verify when
-    installed). math-verify parses both with `extraction_mode="first_match"` (its priority: `\\boxed{}`,
-    then answer anchors, then the last expression) and compares them symbolically and numerically.
+    installed). math-verify parses the gold (bare LaTeX wrapped in `$...$`: `3\\sqrt{2}` alone parses as 3) and the
+    completion's `final_answer_text` (after `</think>`, inside `<answer>`, the last `\\boxed{}`) with
+    `extraction_mode="first_match"` and compares them symbolically and numerically.
     """
     if backend == "auto":
         backend = "math_verify" if _has_math_verify() else "builtin"
@@ -206,12 +207,25 @@ def math_reward(prompts, completions, answer=None, *, solution=None, backend: st
             continue
         from math_verify import parse, verify
 
-        gold_parsed = parse(gold, extraction_mode="first_match")
+        latex = "\\" in gold and "$" not in gold  # bare LaTeX (MATH's answers): parsed as math, not text
+        candidates = (f"${gold}$", gold) if latex else (gold, f"${gold}$")
+        gold_parsed = next((g for g in (parse(c, extraction_mode="first_match") for c in candidates) if g), None)
         if not gold_parsed:
             out.append(None)
             continue
-        out.append(float(verify(gold_parsed, parse(completion, extraction_mode="first_match"))))
+        out.append(float(verify(gold_parsed, parse(final_answer_text(completion), extraction_mode="first_match"))))
     return out
+
+
+def final_answer_text(completion: str) -> str:
+    """The part of a completion that states its final answer: after the last `</think>`, the last
+    `<answer>...</answer>` if there is one, and of that the last `\\boxed{}` if there is one (so numbers
+    in the reasoning, or an earlier boxed guess, are not taken for the answer)."""
+    text = completion.rsplit("</think>", 1)[-1]
+    tagged = _last_tag(text, "answer")
+    text = text if tagged is None else tagged
+    boxed = _last_boxed(text)
+    return text if boxed is None else f"\\boxed{{{boxed}}}"
 
 
 def exact_match_reward(prompts, completions, answer, **_) -> list[float]:

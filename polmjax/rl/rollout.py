@@ -42,8 +42,11 @@ class PolicySampler:
         self.eos = () if ignore_eos else eos
         self.stops = tuple(tuple(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in stop_sequences)
         self.cache_dtype = jnp.dtype(cache_dtype) if cache_dtype else None
-        self.pool = (rewards_lib.VerifierPool(verifier_workers, timeout_s=verifier_timeout_s)
-                     if any(r.isolate for r in self.reward_fns) else None)
+        isolated = [r for r in self.reward_fns if r.isolate]
+        # each worker imports the verifiers' modules before its first call (reasoning_gym takes seconds)
+        preload = tuple(sorted({_module(r.fn) for r in isolated} - {"__main__"}))
+        self.pool = (rewards_lib.VerifierPool(verifier_workers, timeout_s=verifier_timeout_s, preload=preload)
+                     if isolated else None)
 
     def close(self) -> None:
         if self.pool is not None:
@@ -95,3 +98,9 @@ class PolicySampler:
         cat = lambda xs: float(np.concatenate(xs).mean())  # noqa: E731
         return {"accuracy": cat(greedy_correct), f"pass@{k}": cat(any_correct), "accuracy_sampled": cat(mean_correct),
                 "reward": cat(greedy_reward), "completion_length": cat(lengths), "prompts": float(len(prompts))}
+
+
+def _module(fn) -> str:
+    while hasattr(fn, "func"):  # functools.partial
+        fn = fn.func
+    return getattr(fn, "__module__", None) or type(fn).__module__
