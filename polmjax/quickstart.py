@@ -8,11 +8,8 @@ Stages, each in its own run directory under --out (a killed quickstart reruns to
 reached: the runs resume, finished stages are skipped, their evaluations are cached in results.json):
 
   data   toy tasks written offline (or --data: `prompt` + `answer` rows, optional `solution`), split into
-         SFT examples (worked solutions), RL prompts and held-out test prompts that appear in neither.
-         The toy demonstrations are imperfect on purpose (`demo_noise`): 60% of the "reverse" ones copy
-         the letters unreversed, so the SFT model learns the flaw as its most likely answer while its
-         samples are sometimes right: what a verifier (pairs, reward model, RL) can fix and more
-         demonstrations of the same kind cannot;
+         SFT examples (worked solutions), RL prompts and held-out test prompts that appear in neither
+         (`demo_noise` > 0 makes some toy demonstrations wrong on purpose);
   sft    SFT on the worked solutions (from a random init, or from --model);
   pairs  `pair_samples` samples per RL prompt from the SFT model, checked by the verifier: a prompt with a
          right and a wrong sample gives a preference pair (chosen = right), as in rejection-sampling
@@ -68,8 +65,9 @@ class Settings:
     pair_prompts: int = 4096
     pair_samples: int = 4
     # toy data only: the fraction of "reverse" demonstrations that copy the letters instead of reversing
-    # them, a systematic flaw of the SFT data that the verifier sees and the demonstrations cannot fix
-    demo_noise: float = 0.6
+    # them (a flaw of the SFT data that a verifier sees). Measured at 0.6: the tiny model then learns
+    # neither copying nor reversing in 400 steps (reverse accuracy 0.04, pass@4 0), so it is off.
+    demo_noise: float = 0.0
 
 
 def main(settings: Settings, overrides: list[str] = ()) -> dict:
