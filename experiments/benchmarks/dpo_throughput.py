@@ -36,6 +36,9 @@ Run from the repository root (CPU: about 4 minutes a round on 2 idle cores):
     .venv/bin/python experiments/benchmarks/dpo_throughput.py
     .venv/bin/python experiments/benchmarks/dpo_throughput.py --rounds 3 --pairs 8 --prompt-len 64 --response-len 64
     .venv/bin/python experiments/benchmarks/dpo_throughput.py --skip tunix,torch
+    .venv/bin/python experiments/benchmarks/dpo_throughput.py --quick      # every row once, tiny sizes (smoke)
+
+--json PATH also writes the table's rows as JSON (`run_all.py` collects them into RESULTS.md).
 
 Shared machines: as `sft_throughput.py` (--quiet, --quiet-wait, --rounds; * marks a row timed on a busy machine).
 A benchmark, not a test: on CPU the ratios compare XLA:CPU with PyTorch's CPU kernels as much as the frameworks.
@@ -66,6 +69,7 @@ ROWS = [
     ("torch", "trl_dpo_peer.py", "torch", "peer"),
 ]
 SKIPPABLE = ("tunix", "trl", "torch")
+QUICK = dict(pairs=2, prompt_len=8, response_len=8, steps=1, warmup=2, rounds=1, quiet_wait=0.0)
 
 
 def main(argv=None):
@@ -89,7 +93,14 @@ def main(argv=None):
     p.add_argument("--quiet-wait", type=float, default=30.0, help="see sft_throughput.py")
     p.add_argument("--timeout", type=int, default=900, help="seconds allowed to each peer subprocess")
     p.add_argument("--workdir", default=None, help="keep the HF model, pairs and peer logs here (default: tmp)")
+    p.add_argument("--json", default="", help="also write the table's rows, versions and load here (JSON)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run: every row once with tiny sizes (" + ", ".join(f"{k}={v}" for k, v in
+                                                                                 QUICK.items()) + "); no timing value")
     args = p.parse_args(argv)
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(args, k, v)
     if args.warmup < 2 or args.steps < 1 or args.rounds < 1 or args.pairs < 1:
         p.error("--warmup must be >= 2 (tunix compiles its step twice), --steps, --rounds and --pairs >= 1")
     if args.prompt_len < 1 or args.response_len < 2:
@@ -111,7 +122,15 @@ def main(argv=None):
     rows = [r for r in ROWS if bench._key(r) not in skip]
     peer, no_peer = bench.resolve_peer(args) if any(r[3] == "peer" for r in rows) else (None, None)
     results, versions = bench.run_rows(rows, argv_common, args, workdir, peer, no_peer, width=40)
-    _print_report(results, versions, args, load_before, os.getloadavg())
+    load_after = os.getloadavg()
+    _print_report(results, versions, args, load_before, load_after)
+    if args.json:
+        rows = [bench.summary_row(r, results, args.quiet, rate=("pairs_s", args.pairs),
+                                  first_loss=(r or {}).get("first_loss"),
+                                  first_logps_chosen=(r or {}).get("first_logps_chosen")) for r in results]
+        costs = {r["framework"]: r["cost"] for r in results if r and r.get("cost")}
+        bench.write_json(args.json, "dpo_throughput", args, rows, versions, load_before, load_after,
+                         costs=costs, notes=bench.row_notes(results))
 
 
 def _prepare(workdir, args):

@@ -42,6 +42,8 @@ instead). Run from the repository root (CPU, 2 cores: about 5 minutes at load av
     .venv/bin/python experiments/benchmarks/grpo_step.py --rounds 2 --prompts-per-step 8 --completion-len 128
     .venv/bin/python experiments/benchmarks/grpo_step.py --quick      # every row once, tiny sizes (smoke)
 
+--json PATH also writes the table's rows as JSON (`run_all.py` collects them into RESULTS.md).
+
 Shared machines: as `sft_throughput.py` (--quiet, --quiet-wait, --rounds; * marks a row timed on a busy machine).
 A benchmark, not a test: on CPU the ratios compare XLA:CPU with PyTorch's CPU kernels as much as the frameworks.
 """
@@ -108,6 +110,7 @@ def main(argv=None):
     p.add_argument("--quiet-wait", type=float, default=15.0, help="see sft_throughput.py")
     p.add_argument("--timeout", type=int, default=900, help="seconds allowed to each peer subprocess")
     p.add_argument("--workdir", default=None, help="keep the HF model, prompts and peer logs here (default: tmp)")
+    p.add_argument("--json", default="", help="also write the table's rows, versions and load here (JSON)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: every row once with tiny sizes (" + ", ".join(f"{k}={v}" for k, v in
                                                                                  QUICK.items()) + "); no timing value")
@@ -139,7 +142,14 @@ def main(argv=None):
     results, versions = bench.run_rows(rows, argv_common, args, workdir, peer, no_peer, width=44)
     for row, r in zip(rows, results):  # run_rows pools step times over rounds; pool the sampling times alike
         _pool_generate(r, row, workdir, args)
-    _print_report(results, versions, args, load_before, os.getloadavg())
+    load_after = os.getloadavg()
+    _print_report(results, versions, args, load_before, load_after)
+    if args.json:
+        tokens = args.prompts_per_step * args.generations * args.completion_len
+        rows = [bench.summary_row(r, results, args.quiet, first_reward=(r or {}).get("first_reward"),
+                                  **_sampling(r, args.quiet, tokens)) for r in results]
+        bench.write_json(args.json, "grpo_step", args, rows, versions, load_before, load_after,
+                         differences=DIFFERENCES, notes=bench.row_notes(results))
 
 
 def _prepare(workdir, args):
@@ -181,6 +191,14 @@ def _pool_generate(r, row, workdir, args):
             with open(path) as f:
                 pooled += json.load(f).get("generate_s", [])
     r["generate_s"] = pooled
+
+
+def _sampling(r, quiet, tokens):
+    """The table's sampling columns of a row: {sampling_s, rest_s, sampled_tokens_s}, None where not timed."""
+    if not r or not r.get("step_times") or not r.get("generate_s"):
+        return {"sampling_s": None, "rest_s": None, "sampled_tokens_s": None}
+    sec, gen = bench._seconds(r, quiet)[0], statistics.median(r["generate_s"])
+    return {"sampling_s": gen, "rest_s": sec - gen, "sampled_tokens_s": tokens / gen}
 
 
 def _print_report(results, versions, args, load_before, load_after):

@@ -43,6 +43,7 @@ def main(argv=None):
     header = f"{'impl':>11s}{'K':>5s}{'T':>6s}{'B':>4s}{'fwd ms':>10s}{'TFLOP/s':>9s}{'x xla':>7s}"
     header += f"{'fwd+bwd ms':>12s}{'TFLOP/s':>9s}{'x xla':>7s}"
     print(header)
+    table = []  # the printed rows as data: main's return value
     for K in args.head_dims:
         for T in args.seq_lens:
             B, H = max(args.tokens // T, 1), max(args.width // K, 4)
@@ -51,13 +52,18 @@ def main(argv=None):
             base = rows.get("xla", {})
             for impl, row in rows.items():
                 cells = [f"{impl:>11s}{K:>5d}{T:>6d}{B:>4d}"]
+                table.append({"impl": impl, "K": K, "T": T, "B": B})
                 for key, work in (("fwd", flops), ("fwd_bwd", 3.5 * flops)):
                     ms, ref = row.get(key), base.get(key)
                     tflops = f"{work / ms / 1e9:.3g}" if ms else "-"
                     ratio = f"{ref / ms:.2f}" if ms and ref else "-"
                     cells.append(f"{_fmt(ms):>{10 if key == 'fwd' else 12}s}{tflops:>9s}{ratio:>7s}")
+                    table[-1].update({f"{key}_ms": ms, f"{key}_tflops": work / ms / 1e9 if ms else None,
+                                      f"{key}_x_xla": ref / ms if ms and ref else None})
                 print("".join(cells), flush=True)
     print("x xla: speed-up over the XLA reference (xla time / impl time); '-' where a path failed (e.g. OOM).")
+    return {"device": f"{device.platform} ({device.device_kind})", "tokens": args.tokens, "width": args.width,
+            "iters": args.iters, "warmup": args.warmup, "impls": impls, "rows": table}
 
 
 def _measure(impl, B, T, H, K, args):

@@ -55,15 +55,24 @@ def main(argv=None):
         rows[name], lps[name] = _measure(fn, h, w, t, args)
 
     print(f"\n{'':28s}{'ours':>14s}{'naive':>14s}{'ours/naive':>12s}")
+    table = []  # the printed rows as data (peak only where the device reports it): main's return value
     for key, unit in (("fwd_ms", "ms"), ("fwd_bwd_ms", "ms"), ("fwd_temp", "MiB"), ("fwd_bwd_temp", "MiB"),
                       ("peak", "MiB")):
         a, b = rows["ours"].get(key), rows["naive"].get(key)
         ratio = f"{a / b:.3f}" if isinstance(a, float) and isinstance(b, float) and b > 0 else "-"
         print(f"{key + ' (' + unit + ')':28s}{_fmt(a):>14s}{_fmt(b):>14s}{ratio:>12s}")
+        if key != "peak" or a is not None or b is not None:
+            table.append({"metric": key, "unit": unit, "ours": a, "naive": b,
+                          "ours_over_naive": a / b if isinstance(a, float) and isinstance(b, float) and b > 0
+                          else None})
     if lps["ours"] is not None and lps["naive"] is not None:
         print(f"\nmax |lp_ours - lp_naive| = {float(np.max(np.abs(lps['ours'] - lps['naive']))):.3e}")
     if "peak" in rows["ours"]:
         print("peak: device peak_bytes_in_use after each path (ours runs first, so naive's is a max of both)")
+    diff = None if lps["ours"] is None or lps["naive"] is None else float(np.max(np.abs(lps["ours"] - lps["naive"])))
+    return {"device": f"{device.platform} ({device.device_kind})", "N": N, "D": D, "V": V, "dtype": dtype.name,
+            "impl": args.impl, "entropy": args.entropy, "iters": args.iters, "warmup": args.warmup, "rows": table,
+            "max_abs_diff": diff}
 
 
 def _measure(fn, h, w, t, args):

@@ -28,6 +28,8 @@ polmjax runs in this interpreter's environment; transformers and tunix in the pe
     .venv/bin/python experiments/benchmarks/sampler_throughput.py --rounds 3 --only polmjax,tunix
     .venv/bin/python experiments/benchmarks/sampler_throughput.py --quick     # every row once, tiny sizes (smoke)
 
+--json PATH also writes the table's rows as JSON (`run_all.py` collects them into RESULTS.md).
+
 Shared machines: each timed call records the CPU share other processes took meanwhile; the table's s/call is
 the median of the "quiet" calls (others < --quiet) when there are at least 3, and --rounds N reruns every row
 N times in alternating order, pooling the calls. A benchmark, not a test: on CPU the ratios compare XLA:CPU
@@ -91,6 +93,7 @@ def main(argv=None):
                    help="before each row wait up to this many seconds for the machine to be quiet")
     p.add_argument("--timeout", type=int, default=900, help="seconds allowed to each peer subprocess")
     p.add_argument("--workdir", default=None, help="keep the HF model, prompts, tokens and peer logs here")
+    p.add_argument("--json", default="", help="also write the table's rows, versions and load here (JSON)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: every row once with tiny sizes (" + ", ".join(f"{k}={v}" for k, v in
                                                                                  QUICK.items()) + "); no timing value")
@@ -136,7 +139,10 @@ def main(argv=None):
             elif r.get("step_times"):
                 prev["step_times"] += r["step_times"]
                 prev["step_others"] += r["step_others"]
-    _print_report(results, versions, args, load_before, os.getloadavg())
+    load_after = os.getloadavg()
+    _print_report(results, versions, args, load_before, load_after)
+    if args.json:
+        _write_json(args.json, results, versions, args, load_before, load_after)
 
 
 def _prepare(workdir, args):
@@ -227,6 +233,35 @@ def _print_report(results, versions, args, load_before, load_after):
     print(f"hardware: {_cpu_model()}, {os.cpu_count()} logical cores ({len(os.sched_getaffinity(0))} usable), "
           f"{platform.system()} {platform.release()}, python {platform.python_version()}")
     print(f"load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f}")
+
+
+def _write_json(path, results, versions, args, load_before, load_after):
+    """The table's rows as data (the numbers _print_report shows), with the settings, versions and load."""
+    ok = {k: r for k, r in results.items() if r and r.get("step_times")}
+    base = {}  # work -> (s/call, tokens) of the first polmjax row of that work, as in _print_report
+    for (key, mode), r in ok.items():
+        if key == "polmjax" and _work(mode) not in base:
+            base[_work(mode)] = (_seconds(r, args.quiet)[0], np.load(r["tokens"]))
+    rows = []
+    for (key, mode), r in results.items():
+        work = _work(mode)
+        row = {"work": work, "framework": key, "mode": mode, "path": (r or {}).get("path", mode)}
+        if (key, mode) not in ok:
+            rows.append({**row, "error": str((r or {}).get("error") or "no call times")})
+            continue
+        sec, all_quiet = _seconds(r, args.quiet)
+        tokens = args.batch * args.new_tokens * (args.samples if work == "sampled" else 1)
+        base_s, base_tokens = base.get(work, (None, None))
+        same = (None if work == "sampled" or base_tokens is None else _same(np.load(r["tokens"]), base_tokens))
+        rows.append({**row, "s_call": sec, "tokens_s": tokens / sec, "vs_polmjax": sec / base_s if base_s else None,
+                     "all_quiet": all_quiet, "quiet_calls": sum(o < args.quiet for o in r["step_others"]),
+                     "calls": len(r["step_times"]), "greedy_tokens_equal": same})
+    settings = {k: v for k, v in vars(args).items() if k not in ("json", "peer_python", "workdir")}
+    notes = [f"{r.get('framework')}, {r.get('mode')}: {n}" for r in results.values() if r for n in r.get("notes", [])]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"benchmark": "sampler_throughput", "settings": settings, "rows": rows, "versions": versions,
+                   "load_before": list(load_before), "load_after": list(load_after), "notes": notes}, f, indent=1)
 
 
 def _work(mode):

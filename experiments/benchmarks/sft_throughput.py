@@ -26,6 +26,9 @@ Run from the repository root (CPU: about 2 minutes a round on 2 idle cores):
     .venv/bin/python experiments/benchmarks/sft_throughput.py --rounds 2 --steps 10 --batch 8 --seq-len 256
     .venv/bin/python experiments/benchmarks/sft_throughput.py --prompt-len 64   # completion-only loss
     .venv/bin/python experiments/benchmarks/sft_throughput.py --only polmjax,torch
+    .venv/bin/python experiments/benchmarks/sft_throughput.py --quick      # every row once, tiny sizes (smoke)
+
+--json PATH also writes the table's rows as JSON (`run_all.py` collects them into RESULTS.md).
 
 Shared machines: each peer also records, per step, the CPU share other processes took meanwhile; the table's
 s/step is the median over the "quiet" steps (others < --quiet, default 10%) and marks a row * when fewer than
@@ -70,6 +73,7 @@ ROWS = [
     ("TRL", "trl_peer.py", "trainer", "peer"),
     ("torch", "trl_peer.py", "torch", "peer"),
 ]
+QUICK = dict(batch=2, seq_len=16, steps=1, warmup=2, rounds=1, quiet_wait=0.0)
 
 
 def main(argv=None):
@@ -95,7 +99,14 @@ def main(argv=None):
                    help="before each row wait up to this many seconds for the machine to be quiet")
     p.add_argument("--timeout", type=int, default=900, help="seconds allowed to each peer subprocess")
     p.add_argument("--workdir", default=None, help="keep the HF model, batch and peer logs here (default: tmp)")
+    p.add_argument("--json", default="", help="also write the table's rows, versions and load here (JSON)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run: every row once with tiny sizes (" + ", ".join(f"{k}={v}" for k, v in
+                                                                                 QUICK.items()) + "); no timing value")
     args = p.parse_args(argv)
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(args, k, v)
     if args.warmup < 2 or args.steps < 1 or args.rounds < 1:
         p.error("--warmup must be >= 2 (tunix compiles its step twice), --steps and --rounds >= 1")
     if not 0 <= args.prompt_len < args.seq_len - 1:
@@ -119,6 +130,12 @@ def main(argv=None):
     results, versions = run_rows(rows, argv_common, args, workdir, peer, no_peer)
     load_after = os.getloadavg()
     _print_report(results, versions, args, load_before, load_after)
+    if args.json:
+        tokens = args.batch * args.seq_len
+        rows = [summary_row(r, results, args.quiet, rate=("tokens_s", tokens), first_loss=(r or {}).get("first_loss"))
+                for r in results]
+        write_json(args.json, "sft_throughput", args, rows, versions, load_before, load_after,
+                   notes=row_notes(results))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,6 +175,41 @@ def run_rows(rows, argv_common, args, workdir, peer, no_peer, width=38):
                 prev["step_times"] += r["step_times"]
                 prev["step_others"] += r["step_others"]
     return list(results.values()), versions
+
+
+def summary_row(r, results, quiet, rate=None, **extra):
+    """One table row of a step benchmark as plain data (the numbers its printed table shows).
+
+    s_step: median over the quiet steps (all steps when fewer than 3 were quiet: all_quiet False);
+    vs_polmjax: s_step / the first polmjax row's (> 1: slower); rate = (name, work a step) adds
+    name = work / s_step. A row without step times has error set and no numbers.
+    """
+    r = r or {}
+    row = {"framework": r.get("framework", "?"), "path": r.get("path", "")}
+    if not r.get("step_times"):
+        return {**row, "error": str(r.get("error") or "no step times")}
+    base = next((b for b in results if b and b.get("framework") == "polmjax" and b.get("step_times")), None)
+    sec, fastest, all_quiet = _seconds(r, quiet)
+    row.update(s_step=sec, fastest=fastest, all_quiet=all_quiet, quiet_steps=_n_quiet(r, quiet),
+               steps=len(r["step_times"]), vs_polmjax=sec / _seconds(base, quiet)[0] if base else None)
+    if rate:
+        row[rate[0]] = rate[1] / sec
+    return {**row, **extra}
+
+
+def row_notes(results):
+    """The rows' notes, each as "framework, path: note" (as the printed report lists them)."""
+    return [f"{r.get('framework')}, {r.get('path')}: {n}" for r in results if r for n in r.get("notes", [])]
+
+
+def write_json(path, benchmark, args, rows, versions, load_before, load_after, **extra):
+    """A benchmark's --json file: its settings, table rows, package versions and the load around the rows."""
+    settings = {k: v for k, v in vars(args).items() if k not in ("json", "peer_python", "workdir")}
+    out = {"benchmark": benchmark, "settings": settings, "rows": rows, "versions": versions,
+           "load_before": list(load_before), "load_after": list(load_after), **extra}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
 
 
 def resolve_peer(args) -> tuple[str | None, str | None]:
