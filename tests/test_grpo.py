@@ -125,9 +125,11 @@ def test_off_policy_ratio_clips_kl_and_correction():
 def test_rollout_rows_and_dynamic_sampling(tmp_path):
     """The trainer's log-probs of the sampled tokens in the rollout's row layout equal the sampler's (fp32);
     dynamic sampling draws more prompts until every trained group has non-zero reward variance."""
-    exp = _cfg(tmp_path, "train.steps=2", "dynamic_sampling=true", "max_sampling_rounds=6",
+    exp = _cfg(tmp_path, "train.steps=2", "dynamic_sampling=true", "max_sampling_rounds=6", "train.eval_every=2",
                'rewards=[{"fn": "test_grpo:a_fraction_on_add", "isolate": false}]')
     grpo.run(exp)
+    held_out = _rows(tmp_path, "eval")[2]
+    assert held_out["prompts"] == 4 and {"accuracy", "pass@4", "accuracy_sampled", "reward"} <= set(held_out)
     rows = _rows(tmp_path)
     for row in rows.values():
         assert row["mismatch/k3_kl"] < 1e-6 and abs(row["mismatch/ratio_max"] - 1.0) < 1e-3
