@@ -13,6 +13,10 @@ KTO's KL reference point), each <= seq_len / 2 = 1024 tokens; short examples are
     polmjax kto experiments/kto/qwen3_1p7b_kto_mix.py --set model.path=runs/qwen3_1p7b_tulu3/export/hf \\
         --set train.run_dir=/mnt/shared/runs/qwen3-1p7b-kto
     python tpu/aot_compile.py experiments/kto/qwen3_1p7b_kto_mix.py --target v5p:2x2x1 --set model.path=DIR
+
+Memory fit, compiled ahead of time from a CPU host (config.json only): v5p:2x2x1, 64 x 2048, grad_accum 1:
+6.41 GiB arguments (1.60 of them the frozen reference) + 44.20 GiB temporaries = 50.6 of 95 GiB per chip
+(compiled in 369 s on the loaded 2-core host).
 """
 
 from polmjax.data import DataConfig
