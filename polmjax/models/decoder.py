@@ -554,9 +554,17 @@ def create(cfg: ModelConfig, seed: int = 0, mesh: Mesh | None = None, rules=None
     key = jax.random.key(seed)
     if mesh is None:
         return Decoder(cfg, init_params(cfg, key))
-    shardings = param_shardings(cfg, mesh, rules)
-    params = jax.jit(functools.partial(init_params, cfg), out_shardings=shardings)(key)
-    return Decoder(cfg, params, mesh=mesh, rules=rules)
+    rules = None if rules is None else tuple((k, tuple(v)) for k, v in dict(rules).items())
+    return Decoder(cfg, _sharded_init(cfg, mesh, rules)(key), mesh=mesh, rules=rules)
+
+
+@functools.lru_cache(maxsize=16)
+def _sharded_init(cfg: ModelConfig, mesh: Mesh, rules: tuple | None):
+    """`init_params` jitted once per (config, mesh, rules), the seed traced: a second model of the same
+    config in one process (a repeated or resumed run) reuses the compiled initialiser, whose XLA:CPU
+    compile takes seconds even for a tiny model (a threefry program per parameter)."""
+    shardings = param_shardings(cfg, mesh, None if rules is None else dict(rules))
+    return jax.jit(functools.partial(init_params, cfg), out_shardings=shardings)
 
 
 def _dumps(d: dict) -> str:
