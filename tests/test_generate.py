@@ -11,10 +11,14 @@ CFG = models.ModelConfig(family="qwen3", vocab_size=50, hidden_size=32, intermed
                          num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True)
 
 
-def _greedy_by_full_forward(model, prompt, n):
+def _greedy_by_full_forward(model, prompt, n, length=16):
+    """Greedy tokens, each from a full forward (no cache) of the whole sequence so far. The sequence is
+    right-padded to `length`, which the causal model never attends to: one compiled forward for every step."""
     seq = list(prompt)
     for _ in range(n):
-        seq.append(int(np.argmax(np.asarray(model(np.asarray([seq])))[0, -1])))
+        padded = np.zeros((1, length), np.int32)
+        padded[0, :len(seq)] = seq
+        seq.append(int(np.argmax(np.asarray(model(padded))[0, len(seq) - 1])))
     return seq[len(prompt):]
 
 
@@ -59,8 +63,8 @@ def test_scan_layers_and_mesh_generate_the_same_tokens():
     np.testing.assert_array_equal(np.asarray(scanned), np.asarray(ref))
     for shape in [(2, 2, 2), (1, 4, 2)]:
         mesh = make_mesh(*shape)
-        sharded = models.create(cfg, seed=1, mesh=mesh)
-        got = generate(cfg, sharded.params(), ids, mask, max_new_tokens=7, eos_id=-1, mesh=mesh)[0]
+        sharded = jax.device_put(model.params(), models.param_shardings(cfg, mesh))  # as create(mesh=) lays them out
+        got = generate(cfg, sharded, ids, mask, max_new_tokens=7, eos_id=-1, mesh=mesh)[0]
         np.testing.assert_array_equal(np.asarray(got), np.asarray(ref), err_msg=str(shape))
 
 
