@@ -30,8 +30,8 @@ def test_logits_and_sft_grads_per_backend(gemma2_dir, impl):
              "segment_ids": np.ones((2, 12), np.int32), "targets": np.roll(ids, -1, axis=1),
              "weights": np.full((2, 12), 1 / 24, np.float32)}
     loss = lambda m, p: micro_batch_loss(m.config, p, batch)  # noqa: E731
-    ref_l, ref_g = jax.value_and_grad(lambda p: loss(ref, p))(ref.params())
-    got_l, got_g = jax.value_and_grad(lambda p: loss(fast, p))(fast.params())
+    ref_l, ref_g = jax.jit(jax.value_and_grad(lambda p: loss(ref, p)))(ref.params())
+    got_l, got_g = jax.jit(jax.value_and_grad(lambda p: loss(fast, p)))(fast.params())
     np.testing.assert_allclose(float(got_l), float(ref_l), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(ref_g)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
@@ -60,7 +60,7 @@ def test_naive_vs_fused_sft_loss_grad_fp32():
         logits = models.logits_from_hidden(cfg, p, models.forward_hidden(cfg, p, ids)[0])
         return jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1).sum()
 
-    (a, ga), (b, gb) = jax.value_and_grad(fused)(params), jax.value_and_grad(naive)(params)
+    (a, ga), (b, gb) = jax.jit(jax.value_and_grad(fused))(params), jax.jit(jax.value_and_grad(naive))(params)
     np.testing.assert_allclose(float(a), float(b), rtol=1e-6)
     for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=0)
