@@ -13,9 +13,6 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "experiments", "benchmarks")
-sys.path.insert(0, BENCH)
-
-import run_all  # noqa: E402
 
 # section heading -> the rows of its table, in order: the first cells of each row (framework, or work + framework)
 EXPECTED = {
@@ -68,7 +65,19 @@ def check_results(text):
                for r in attention), attention
 
 
-def test_failed_row_is_marked_and_counted():
+@pytest.fixture(scope="module")
+def run_all():
+    """experiments/benchmarks/run_all.py as a module, with that folder taken off sys.path again: left on it,
+    its kernels.py would shadow the `kernels` package transformers imports, in every later test."""
+    sys.path.insert(0, BENCH)
+    try:
+        import run_all as module
+    finally:
+        sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != BENCH]
+    return module
+
+
+def test_failed_row_is_marked_and_counted(run_all):
     ok = {"framework": "polmjax", "path": "jit_sft_step", "s_step": 0.5, "tokens_s": 100.0, "vs_polmjax": 1.0,
           "all_quiet": False, "quiet_steps": 0, "steps": 1, "first_loss": 6.25}
     bad = {"framework": "TRL", "path": "trainer", "error": "exit code 1: ImportError | trl (log: x.log)"}
