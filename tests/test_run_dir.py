@@ -5,6 +5,7 @@ Runs are the tiny SFT experiment shrunk to seconds (test_sft_run.SMALL).
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -21,6 +22,20 @@ def _cfg(run_dir, *extra):
     return config_lib.load_experiment(TINY, SMALL + [f"train.run_dir={run_dir}", *extra])
 
 
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory):
+    """A finished 4-step run (checkpoints 2 and 4), trained once; a test resumes or changes a copy of it
+    (a run directory may move: train.run_dir is an execution setting)."""
+    path = tmp_path_factory.mktemp("four_steps")
+    sft.run(_cfg(path, "train.steps=4"))
+    return path
+
+
+def _copy(run, dest):
+    shutil.copytree(run, dest, dirs_exist_ok=True)
+    return dest
+
+
 def _read(path):
     with open(path) as f:
         return f.read()
@@ -31,8 +46,8 @@ def _lrs(run_dir):
         return {r["step"]: r["learning_rate"] for r in map(json.loads, f) if "split" not in r}
 
 
-def test_changed_config_is_refused_before_anything_is_written_and_the_run_still_exports(tmp_path):
-    sft.run(_cfg(tmp_path, "train.steps=4"))
+def test_changed_config_is_refused_before_anything_is_written_and_the_run_still_exports(tmp_path, four_steps):
+    _copy(four_steps, tmp_path)
     before = {name: _read(tmp_path / name) for name in ("config.json", "metrics.jsonl")}
     with pytest.raises(rundir.RunDirError, match=r"model.init.hidden_size: 32 -> 64; optim.lr: 0.005 -> 0.001") as e:
         sft.run(_cfg(tmp_path, "train.steps=4", "model.init.hidden_size=64", "optim.lr=1e-3"))
@@ -48,8 +63,8 @@ def test_changed_config_is_refused_before_anything_is_written_and_the_run_still_
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]  # nothing marked unreadable
 
 
-def test_execution_settings_may_change_on_resume(tmp_path, caplog):
-    sft.run(_cfg(tmp_path, "train.steps=4"))
+def test_execution_settings_may_change_on_resume(tmp_path, caplog, four_steps):
+    _copy(four_steps, tmp_path)
     caplog.set_level("INFO")
     result = sft.run(_cfg(tmp_path, "train.steps=4", "train.log_every=2", "mesh.data=2", "train.keep=5"))
     assert int(result.step) == 4
@@ -149,7 +164,7 @@ def test_cli_user_errors_are_one_message(capsys, argv, message):
     assert lines[-1] == "  (--debug shows the traceback)"
 
 
-def test_cli_bad_data_row_and_missing_checkpoint_step(capsys, tmp_path):
+def test_cli_bad_data_row_and_missing_checkpoint_step(capsys, tmp_path, four_steps):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
                     '\n{"messages": [{"role": "user", "content": "hi"}]}\n')
@@ -159,9 +174,9 @@ def test_cli_bad_data_row_and_missing_checkpoint_step(capsys, tmp_path):
     assert code == USER_ERROR and "Traceback" not in err, err
     assert f"{data} row 3: field 'messages' has no assistant message" in lines[0]  # row 3 == line 3
 
-    sft.run(_cfg(tmp_path / "ok", "train.steps=2"))
-    code, lines, err = _cli_error(capsys, "export", str(tmp_path / "ok"), "--step", "7")
-    assert code == USER_ERROR and "no checkpoint step 7" in lines[0] and "available: [2]" in lines[0], err
+    ok = str(_copy(four_steps, tmp_path / "ok"))
+    code, lines, err = _cli_error(capsys, "export", ok, "--step", "7")
+    assert code == USER_ERROR and "no checkpoint step 7" in lines[0] and "available: [2, 4]" in lines[0], err
 
     with pytest.raises(Exception, match="no checkpoint step 7"):
-        cli.main(["--debug", "export", str(tmp_path / "ok"), "--step", "7"])
+        cli.main(["--debug", "export", ok, "--step", "7"])
