@@ -24,8 +24,9 @@ from polmjax.train import dpo, kto, rm, sft
 from polmjax.train.abstract import abstract_step
 from polmjax.train.config import ModelSource, TrainConfig
 
-# Two layers: every layer is sharded alike, and the v5p FLOP ratios are those of four layers (measured SFT 1.023,
-# full remat 0.982, DPO copy 1.022, RM 1.026; with four 1.023, 0.979, 1.022, 1.024); compiling the eight programs takes 48 s of CPU instead of 62.
+# Two layers: every layer is sharded alike, and the v5p FLOP ratios are those of four layers (measured SFT
+# 1.023, full remat 0.982, DPO copy 1.022, RM 1.026; with four 1.023, 0.979, 1.022, 1.024); the eight
+# programs compile in 48 s of CPU instead of 62.
 CFG = dict(family="qwen3", vocab_size=1024, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=8,
            num_kv_heads=4, head_dim=32, qk_norm=True, tie_embeddings=False, attention_impl="xla",
            logprob_impl="xla")
