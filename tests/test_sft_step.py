@@ -112,17 +112,24 @@ def test_sequence_weights_by_hand():
 
 
 MESHES = [(2, 2, 2), (1, 8, 1), (8, 1, 1)]
+SHARDED_BATCHES = [_unpacked_batch(_docs(10 + i)) for i in range(3)]
+
+
+@pytest.fixture(scope="module")
+def single_device_losses():
+    """Losses of three un-jitted steps on one device: what every mesh below must reproduce."""
+    state, opt, schedule = _setup()
+    losses = []
+    for b in SHARDED_BATCHES:
+        state, m = sft_step(state, {}, b, model_cfg=CFG, optimizer=opt, schedule=schedule)
+        losses.append(float(m["loss"]))
+    return losses
 
 
 @pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
-def test_sharded_steps_equal_single_device(shape):
-    batches = [_unpacked_batch(_docs(10 + i)) for i in range(3)]
-    state, opt, schedule = _setup()
-    ref = []
-    for b in batches:
-        state, m = sft_step(state, {}, b, model_cfg=CFG, optimizer=opt, schedule=schedule)
-        ref.append(float(m["loss"]))
-
+def test_sharded_steps_equal_single_device(shape, single_device_losses):
+    batches, ref = SHARDED_BATCHES, single_device_losses
+    _, opt, schedule = _setup()
     mesh = mesh_lib.make_mesh(*shape)
     shardings = models.param_shardings(CFG, mesh)
     params = jax.device_put(models.init_params(CFG, jax.random.key(0)), shardings)
