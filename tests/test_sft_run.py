@@ -23,7 +23,8 @@ SMALL = ["model.init.hidden_size=32", "model.init.intermediate_size=64", "model.
 
 
 EXPERIMENTS = sorted(p for p in glob.glob(os.path.join(ROOT, "experiments", "*", "*.py"))
-                     if os.path.basename(os.path.dirname(p)) != "benchmarks")
+                     if os.path.basename(os.path.dirname(p)) != "benchmarks"
+                     and not os.path.basename(p).startswith(("prepare", "_")))  # data-preparation scripts
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: os.path.relpath(p, ROOT))
