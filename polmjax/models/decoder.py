@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -88,11 +89,17 @@ def param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
     return specs
 
 
-def init_params(cfg: ModelConfig, key: jax.Array, std: float = 0.02) -> dict:
-    """Random parameters as a nested dict {"embed": ..., "layers": {"q": ...}} in cfg.param_dtype."""
+def init_params(cfg: ModelConfig, key: jax.Array, std: float = 0.02,
+                only: Callable[[str], bool] | None = None) -> dict:
+    """Random parameters as a nested dict {"embed": ..., "layers": {"q": ...}} in cfg.param_dtype.
+
+    only(flat name) -> bool: draw just those parameters (fresh LoRA adapters), with the values the full
+    draw gives them (parameter i of the sorted names always takes fold_in(key, i))."""
     flat = {}
     specs = param_specs(cfg)
     for i, (name, spec) in enumerate(sorted(specs.items())):
+        if only is not None and not only(name):
+            continue
         dtype = jnp.dtype(spec.dtype or cfg.param_dtype)
         k = jax.random.fold_in(key, i)
         if spec.init == "normal":

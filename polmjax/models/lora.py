@@ -45,7 +45,7 @@ def add_adapters(model: Decoder, lora: LoraConfig, seed: int = 0) -> Decoder:
     if model.config.lora is not None:
         raise ValueError("add_adapters: the model already has LoRA adapters; merge() them first")
     cfg = model.config.replace(lora=lora)
-    fresh = flatten(init_params(cfg, jax.random.key(seed)))
+    fresh = flatten(init_params(cfg, jax.random.key(seed), only=is_adapter))
     flat = flatten(model.params())
     specs = param_specs(cfg)
     for name in specs:
