@@ -111,7 +111,8 @@ def test_sequence_weights_by_hand():
     np.testing.assert_allclose(np.asarray(token_weights(mask, seg, "token")), mask / 6, rtol=1e-6)
 
 
-MESHES = [(2, 2, 2), (1, 8, 1), (8, 1, 1)]
+# CI time: 1x8x1 is slow, as in test_dpo_step and test_reward_model: 2x2x2 shards over fsdp (and data and tensor)
+MESHES = [(2, 2, 2), pytest.param((1, 8, 1), marks=pytest.mark.slow), (8, 1, 1)]
 SHARDED_BATCHES = [_unpacked_batch(_docs(10 + i)) for i in range(3)]
 
 
