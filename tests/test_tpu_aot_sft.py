@@ -10,7 +10,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.tpu_aot
-@pytest.mark.parametrize("topology", ["v5e:2x2", "v6e:2x2"])
+# CI time: v6e is slow. The step is the same program on either chip; what v6e itself changes, the Mosaic
+# lowering of the kernels, test_logprobs_tpu_aot and test_attention_tpu_aot check on v6e:2x2.
+@pytest.mark.parametrize("topology", ["v5e:2x2", pytest.param("v6e:2x2", marks=pytest.mark.slow)])
 def test_tiny_sft_step_compiles_and_fits(topology):
     import sys
 
