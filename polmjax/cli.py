@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     quick.add_argument("--model", default="", help="an HF model directory to start from (default: a tiny model)")
     quick.add_argument("--data", default="", help="prompt + answer (+ solution) JSONL (default: toy tasks)")
     quick.add_argument("--seed", type=int, default=0)
+    quick.add_argument("--demo-noise", type=float, default=0.6,
+                       help="toy data: the fraction of 'sort' demonstrations sorted descending (0: no flaw)")
     quick.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
                        help="override a stage's experiment, e.g. --set grpo.train.steps=100 (repeatable)")
     demo = sub.add_parser("demo", help="tiny end-to-end check of models, HF interop, sharding and decoding")
@@ -93,7 +95,8 @@ def _dispatch(args) -> int:
     if args.command == "quickstart":
         from polmjax.quickstart import Settings, main as quickstart
 
-        quickstart(Settings(out=args.out, model=args.model, data=args.data, seed=args.seed), args.overrides)
+        quickstart(Settings(out=args.out, model=args.model, data=args.data, seed=args.seed,
+                            demo_noise=args.demo_noise), args.overrides)
         return 0
     if args.command == "export":
         from polmjax.train.run import export_run

@@ -9,7 +9,8 @@ reached: the runs resume, finished stages are skipped, their evaluations are cac
 
   data   toy tasks written offline (or --data: `prompt` + `answer` rows, optional `solution`), split into
          SFT examples (worked solutions), RL prompts and held-out test prompts that appear in neither
-         (`demo_noise` > 0 makes some toy demonstrations wrong on purpose);
+         (by default 60% of the toy "sort" demonstrations are sorted descending: `demo_noise`, a flaw of
+         the demonstrations that imitation learns and the verifier sees);
   sft    SFT on the worked solutions (from a random init, or from --model);
   pairs  `pair_samples` samples per RL prompt from the SFT model, checked by the verifier: a prompt with a
          right and a wrong sample gives a preference pair (chosen = right), as in rejection-sampling
@@ -64,10 +65,10 @@ class Settings:
     pass_k: int = 4
     pair_prompts: int = 4096
     pair_samples: int = 4
-    # toy data only: the fraction of "reverse" demonstrations that copy the letters instead of reversing
-    # them (a flaw of the SFT data that a verifier sees). Measured at 0.6: the tiny model then learns
-    # neither copying nor reversing in 400 steps (reverse accuracy 0.04, pass@4 0), so it is off.
-    demo_noise: float = 0.0
+    # toy data only: the fraction of "sort" demonstrations a careless annotator sorted descending. Imitation
+    # learns the flaw (above 0.5 the SFT model's greedy answer is mostly descending, while its samples are
+    # often ascending); the verifier, which wants ascending, gives the later stages the signal to fix it.
+    demo_noise: float = 0.6
 
 
 def main(settings: Settings, overrides: list[str] = ()) -> dict:
@@ -144,16 +145,18 @@ def prepare_data(s: Settings) -> Data:
 
 
 def _toy_rows(seed: int, demo_noise: float) -> list[dict]:
-    """Toy tasks with their answers; `solution` (the SFT demonstration) copies the letters of a "reverse"
-    task unreversed with probability `demo_noise`."""
+    """Toy tasks with their answers and `task` name; `solution` (the SFT demonstration) of a "sort" task is
+    sorted descending with probability `demo_noise` (the `answer` the verifier checks is ascending)."""
     rng = random.Random(seed)
     rows = []
     for _ in range(8000):
         prompt, answer = toy_lib._task(rng)
+        task = prompt.split(" ")[0].rstrip(":")
         solution = answer
-        if prompt.startswith("reverse: ") and rng.random() < demo_noise:
-            solution = prompt[len("reverse: "):]
-        rows.append({"prompt": [{"role": "user", "content": prompt}], "answer": answer, "solution": solution})
+        if task == "sort" and rng.random() < demo_noise:
+            solution = " ".join(reversed(answer.split(" ")))  # the careless annotator sorted descending
+        rows.append({"prompt": [{"role": "user", "content": prompt}], "answer": answer, "solution": solution,
+                     "task": task})
     return rows
 
 
@@ -204,7 +207,7 @@ def stage_experiments(s: Settings, data: Data, overrides: list[str]) -> dict:
     stages = {
         "sft": SFTExperiment(
             model=start, data=DataConfig(path=data.sft, packing="best_fit"),
-            train=TrainConfig(run_dir=run_dir("sft"), steps=400, global_batch=32, seq_len=128, **quiet),
+            train=TrainConfig(run_dir=run_dir("sft"), steps=600, global_batch=32, seq_len=128, **quiet),
             optim=OptimConfig(lr=5e-3, schedule="cosine", warmup_steps=20, weight_decay=0.01)),
         "rm": RMExperiment(
             model=ModelSource(path=sft_model, num_labels=1), data=DataConfig(path=data.pairs, packing="best_fit"),
@@ -253,6 +256,7 @@ class Evaluator:
         self.test = iter(PromptSource(once, self.tokenizer, max_prompt_len=grpo_exp.max_prompt_len)).take(10**9)
         self.rl = PromptSource(DataConfig(path=data.rl), self.tokenizer, max_prompt_len=grpo_exp.max_prompt_len)
         self.key = jax.random.key(s.seed + 1)
+        self.group_by = "task" if self.test and "task" in self.test[0].fields else ""  # per-task accuracy
         self._sampler = None
 
     def sampler(self, cfg):
@@ -274,7 +278,8 @@ class Evaluator:
 
     def evaluate(self, model_dir: str) -> dict:
         model = from_pretrained(model_dir, mesh=self.mesh)
-        return self.sampler(model.config).evaluate(model.params(), self.test, k=self.s.pass_k, key=self.key)
+        return self.sampler(model.config).evaluate(model.params(), self.test, k=self.s.pass_k, key=self.key,
+                                                   group_by=self.group_by)
 
     def best_of_k(self, policy_dir: str, rm_dir: str) -> dict:
         """Accuracy of the sample the reward model ranks first among the policy's k samples per test prompt."""
@@ -294,8 +299,14 @@ class Evaluator:
                           [_assistant({"prompt": prompts[i]}, texts[i]) for i in scored])
         r = r.reshape(-1, k)
         picked = correct[np.arange(len(correct)), r.argmax(axis=1)]
-        return {"accuracy": float(picked.mean()), f"pass@{k}": float(correct.any(axis=1).mean()),
-                "accuracy_sampled": float(correct.mean()), "prompts": float(len(correct))}
+        out = {"accuracy": float(picked.mean()), f"pass@{k}": float(correct.any(axis=1).mean()),
+               "accuracy_sampled": float(correct.mean()), "prompts": float(len(correct))}
+        if self.group_by:
+            labels = np.array([str(p.fields.get(self.group_by)) for p in self.test])
+            for value in sorted(set(labels)):
+                out[f"accuracy/{value}"] = float(picked[labels == value].mean())
+                out[f"pass@{k}/{value}"] = float(correct.any(axis=1)[labels == value].mean())
+        return out
 
 
 def mine_pairs(s: Settings, data: Data, sft_model: str, evaluator: Evaluator) -> int:
@@ -340,6 +351,12 @@ def write_report(s: Settings, stages: dict, results: dict, seconds: float) -> st
         label = {"rm": "rm (best-of-%d of the SFT model)" % k}.get(name, name)
         lines.append(f"| {label} | {r.get('accuracy', float('nan')):.3f} | {r.get(f'pass@{k}', float('nan')):.3f} | "
                      f"{r.get('accuracy_sampled', float('nan')):.3f} |")
+    groups = sorted({key.split("/", 1)[1] for r in results.values() for key in r if key.startswith("accuracy/")})
+    if groups:  # greedy accuracy per task (the rm row: its best-of-k pick)
+        lines += ["", "| stage | " + " | ".join(groups) + " |", "|---|" + "---:|" * len(groups)]
+        for name in STAGES:
+            r = results.get(name, {})
+            lines.append(f"| {name} | " + " | ".join(f"{r.get(f'accuracy/{g}', float('nan')):.3f}" for g in groups) + " |")
     table = "\n".join(lines)
     print("\n" + table + "\n", flush=True)
     pngs = _plots(s.out, stages, results, k)

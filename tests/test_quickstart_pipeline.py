@@ -1,5 +1,6 @@
 """`polmjax quickstart`: disjoint data splits, stage overrides, and (slow) the whole pipeline, killed and resumed."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -7,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
 import pytest
 
 from polmjax import config as config_lib
@@ -32,11 +35,65 @@ def test_stage_overrides_and_their_errors(tmp_path):
     s = qs.Settings(out=str(tmp_path))
     data = qs.prepare_data(s)
     stages = qs.stage_experiments(s, data, ["grpo.train.steps=7", "dpo.beta=0.3"])
-    assert stages["grpo"].train.steps == 7 and stages["dpo"].beta == 0.3 and stages["sft"].train.steps == 400
+    assert stages["grpo"].train.steps == 7 and stages["dpo"].beta == 0.3 and stages["sft"].train.steps == 600
     with pytest.raises(config_lib.ConfigError, match="with a stage of sft, rm, dpo, grpo"):
         qs.stage_experiments(s, data, ["ppo.beta=1"])
     with pytest.raises(config_lib.ConfigError, match="unknown key 'betta'"):
         qs.stage_experiments(s, data, ["dpo.betta=1"])
+
+
+def _rows(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_toy_demonstrations_flaw_only_sort_and_only_the_demonstrations(tmp_path):
+    """demo_noise: that fraction of the "sort" demonstrations are sorted descending; answers stay ascending, the
+    other tasks' demonstrations are their answers, and every row names its task."""
+    data = qs.prepare_data(qs.Settings(out=str(tmp_path / "noisy"), demo_noise=0.6))
+    rows = _rows(data.rl) + _rows(data.test)
+    assert {r["task"] for r in rows} == {"add", "reverse", "sort"}
+    for r in rows:
+        digits = r["prompt"][0]["content"].split(" ")[1:]
+        if r["task"] == "sort":
+            assert r["answer"] == " ".join(sorted(digits))
+            assert r["solution"] in (r["answer"], " ".join(sorted(digits, reverse=True)))
+        else:
+            assert r["solution"] == r["answer"]
+    sort = [r for r in rows if r["task"] == "sort" and len(set(r["answer"].split())) > 1]
+    flawed = np.mean([r["solution"] != r["answer"] for r in sort])
+    assert 0.55 < flawed < 0.65, flawed
+    demos = [r for r in _rows(data.sft) if r["prompt"][0]["content"].startswith("sort: ")]
+    completions = [r["completion"][0]["content"] for r in demos]
+    assert 0.5 < np.mean([c.split() != sorted(c.split()) for c in completions]) < 0.65
+    clean = qs.prepare_data(qs.Settings(out=str(tmp_path / "clean"), demo_noise=0.0))
+    assert all(r["solution"] == r["answer"] for r in _rows(clean.rl))
+
+
+def test_held_out_accuracy_per_task(tmp_path):
+    """PolicySampler.evaluate(group_by=) splits greedy accuracy and pass@k by a prompt field."""
+    from polmjax.data.prompts import Prompt, tokenize_prompt
+    from polmjax.data.toy import build_tokenizer
+    from polmjax.mesh import make_mesh
+    from polmjax.models import create
+    from polmjax.rl.rewards import RewardFn
+    from polmjax.rl.rollout import PolicySampler
+
+    tok = build_tokenizer(tmp_path / "tok")
+    cfg = dataclasses.replace(qs.TINY, vocab_size=len(tok), num_layers=1)
+    model = create(cfg)
+    prompts = [Prompt(tokenize_prompt([{"role": "user", "content": f"add {i} and 1"}], tok),
+                      [{"role": "user", "content": f"add {i} and 1"}], {"task": "xy"[i % 2]}, f"row {i}")
+               for i in range(6)]
+
+    def right_on_x(prompts, completions, task, **_):
+        return [1.0 if t == "x" else 0.0 for t in task]
+
+    sampler = PolicySampler(cfg, tok, make_mesh(1, -1, 1), [RewardFn(right_on_x, isolate=False)], max_new_tokens=4)
+    out = sampler.evaluate(model.params(), prompts, k=2, key=jax.random.key(0), batch=4, group_by="task")
+    assert out["accuracy"] == 0.5 and out["accuracy/x"] == out["pass@2/x"] == 1.0
+    assert out["accuracy/y"] == out["pass@2/y"] == 0.0
+    assert "accuracy/x" not in sampler.evaluate(model.params(), prompts, k=2, key=jax.random.key(0))
 
 
 # an SFT model that is sometimes right, so that its samples give preference pairs; short later stages

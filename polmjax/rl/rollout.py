@@ -78,9 +78,10 @@ class PolicySampler:
         """[B] bool: the first reward function's value is >= 1."""
         return np.nan_to_num(scores.per_fn[self.reward_fns[0].label], nan=0.0) >= 1.0
 
-    def evaluate(self, params, prompts: Sequence[Prompt], *, k: int, key, batch: int = 64) -> dict:
+    def evaluate(self, params, prompts: Sequence[Prompt], *, k: int, key, batch: int = 64, group_by: str = "") -> dict:
         """Greedy `accuracy` and `reward`; `pass@k` and `accuracy_sampled` (pass@1) from k samples per prompt
-        at the sampling temperature; `completion_length` (greedy); over `prompts`, `batch` at a time."""
+        at the sampling temperature; `completion_length` (greedy); over `prompts`, `batch` at a time. With
+        `group_by` (a prompt field, e.g. a task name) also `accuracy/<value>` and `pass@k/<value>` per value."""
         greedy_correct, greedy_reward, lengths, any_correct, mean_correct = [], [], [], [], []
         for start in range(0, len(prompts), batch):
             chunk = prompts[start:start + batch]
@@ -96,8 +97,15 @@ class PolicySampler:
         if not prompts:
             return {}
         cat = lambda xs: float(np.concatenate(xs).mean())  # noqa: E731
-        return {"accuracy": cat(greedy_correct), f"pass@{k}": cat(any_correct), "accuracy_sampled": cat(mean_correct),
-                "reward": cat(greedy_reward), "completion_length": cat(lengths), "prompts": float(len(prompts))}
+        out = {"accuracy": cat(greedy_correct), f"pass@{k}": cat(any_correct), "accuracy_sampled": cat(mean_correct),
+               "reward": cat(greedy_reward), "completion_length": cat(lengths), "prompts": float(len(prompts))}
+        if group_by:
+            labels = np.array([str(p.fields.get(group_by)) for p in prompts])
+            greedy, any_k = np.concatenate(greedy_correct), np.concatenate(any_correct)
+            for value in sorted(set(labels)):
+                out[f"accuracy/{value}"] = float(greedy[labels == value].mean())
+                out[f"pass@{k}/{value}"] = float(any_k[labels == value].mean())
+        return out
 
 
 def _module(fn) -> str:
