@@ -208,7 +208,7 @@ def stage_experiments(s: Settings, data: Data, overrides: list[str]) -> dict:
         "sft": SFTExperiment(
             model=start, data=DataConfig(path=data.sft, packing="best_fit"),
             train=TrainConfig(run_dir=run_dir("sft"), steps=600, global_batch=32, seq_len=128, **quiet),
-            optim=OptimConfig(lr=5e-3, schedule="cosine", warmup_steps=20, weight_decay=0.01)),
+            optim=OptimConfig(lr=2e-3, schedule="cosine", warmup_steps=20, weight_decay=0.01)),
         "rm": RMExperiment(
             model=ModelSource(path=sft_model, num_labels=1), data=DataConfig(path=data.pairs, packing="best_fit"),
             train=TrainConfig(run_dir=run_dir("rm"), steps=150, global_batch=16, seq_len=128, **quiet),
@@ -224,7 +224,7 @@ def stage_experiments(s: Settings, data: Data, overrides: list[str]) -> dict:
             model=ModelSource(path=sft_model), data=DataConfig(path=data.rl),
             train=TrainConfig(run_dir=run_dir("grpo"), steps=60, global_batch=64, seq_len=64,
                               **{**quiet, "log_every": 5, "save_every": 20}),
-            optim=OptimConfig(lr=1e-4, schedule="constant"), rewards=(Reward(**EXACT),), num_generations=8,
+            optim=OptimConfig(lr=3e-5, schedule="constant"), rewards=(Reward(**EXACT),), num_generations=8,
             max_completion_len=16),
     }
     for item in overrides:
