@@ -211,11 +211,11 @@ def stage_experiments(s: Settings, data: Data, overrides: list[str]) -> dict:
             optim=OptimConfig(lr=2e-3, schedule="cosine", warmup_steps=20, weight_decay=0.01)),
         "rm": RMExperiment(
             model=ModelSource(path=sft_model, num_labels=1), data=DataConfig(path=data.pairs, packing="best_fit"),
-            train=TrainConfig(run_dir=run_dir("rm"), steps=150, global_batch=16, seq_len=128, **quiet),
+            train=TrainConfig(run_dir=run_dir("rm"), steps=150, global_batch=16, seq_len=128, **{**quiet, "log_every": 10}),
             optim=OptimConfig(lr=1e-3, schedule="cosine", warmup_steps=10)),
         "dpo": DPOExperiment(
             model=ModelSource(path=sft_model), data=DataConfig(path=data.pairs, packing="best_fit"),
-            train=TrainConfig(run_dir=run_dir("dpo"), steps=100, global_batch=16, seq_len=128, **quiet),
+            train=TrainConfig(run_dir=run_dir("dpo"), steps=100, global_batch=16, seq_len=128, **{**quiet, "log_every": 10}),
             # DPO + the chosen responses' NLL (RPO, as iterative reasoning preference optimisation,
             # Pang et al. 2024): plain DPO lowers the likelihood of both responses of a pair
             optim=OptimConfig(lr=5e-4, schedule="cosine", warmup_steps=10), loss="sigmoid", beta=0.1,
