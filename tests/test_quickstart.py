@@ -1,11 +1,13 @@
-"""The README's first command, end to end, and the claims the README makes about it (slow: ~3-6 min).
+"""The README's first command (`polmjax quickstart`) and its SFT example, end to end, and the claims the README
+makes about them (slow: ~5 min each).
 
     pytest -m slow tests/test_quickstart.py
 
-Runs `polmjax sft experiments/sft/tiny.py` in a subprocess (as a user would, into a temporary run
-directory), then checks the README's numbers with a margin (the run is deterministic on one CPU type;
-other CPUs may differ in the last digits), the run directory's listing, the samples, the export, and
-that the second invocation finds the run finished.
+Each runs the command in a subprocess (as a user would, into a temporary directory), then checks the
+README's numbers (the runs are deterministic on one CPU type; other CPUs may differ in the last digits):
+for the quickstart, its promised gains and its table; for `polmjax sft experiments/sft/tiny.py`, its losses
+with a margin, the run directory's listing, the samples, the export, and that the second invocation finds
+the run finished.
 """
 
 import json
@@ -19,7 +21,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
 
-# What the README states (section "The main job"); kept in one place so the two cannot drift apart.
+# What the README states about `polmjax sft experiments/sft/tiny.py` (section "Training (SFT)"); kept in one place.
 FINAL_TRAIN_LOSS = 0.22  # README: training loss at step 400
 HELD_OUT_LOSS = {100: 1.40, 200: 0.90, 300: 0.40, 400: 0.33}
 RUN_DIR_LISTING = ["checkpoints", "config.json", "data", "export", "metrics.jsonl", "samples.jsonl",
@@ -35,9 +37,30 @@ def _polmjax(*args, timeout):
 
 
 @pytest.mark.slow
-def test_readme_first_command_and_its_claims(tmp_path):
+def test_readme_first_command_the_quickstart_and_its_table(tmp_path):
     readme = open(README).read()
-    assert "polmjax sft experiments/sft/tiny.py" in readme.split("```")[1]
+    assert ".venv/bin/polmjax quickstart" in readme.split("```")[1]
+    out = _polmjax("quickstart", "--out", str(tmp_path / "qs"), timeout=1800)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.load(open(tmp_path / "qs" / "results.json"))
+    sft = results["sft"]["accuracy"]
+    # the promised gains: every stage above SFT on the held-out prompts, GRPO by at least 10 points
+    assert all(results[s]["accuracy"] > sft for s in ("rm", "dpo", "grpo")), results
+    assert results["grpo"]["accuracy"] >= sft + 0.10, results
+    # the README's table is this run's
+    for stage, label in (("sft", "sft"), ("rm", "rm (best-of-4 of the SFT model)"),
+                         ("dpo", "dpo (+ the chosen responses' NLL)"), ("grpo", "grpo")):
+        r = results[stage]
+        assert re.search(rf"^\| {re.escape(label)} \| (\*\*)?{r['accuracy']:.3f}(\*\*)? \| {r['pass@4']:.3f} \| "
+                         rf"{r['accuracy_sampled']:.3f} \|$", readme, re.M), (stage, r)
+    for name in ("curves.png", "accuracy.png", "report.md"):
+        assert os.path.getsize(tmp_path / "qs" / name) > 0
+    assert os.path.exists(tmp_path / "qs" / "grpo" / "export" / "hf" / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_readme_sft_example_and_its_claims(tmp_path):
+    readme = open(README).read()
     run_dir = tmp_path / "sft_tiny"
     out = _polmjax("sft", "experiments/sft/tiny.py", f"--set=train.run_dir={run_dir}", timeout=1800)
     assert out.returncode == 0, out.stderr[-3000:]
