@@ -70,6 +70,11 @@ class Settings:
     # often ascending); the verifier, which wants ascending, gives the later stages the signal to fix it.
     demo_noise: float = 0.6
 
+    def __post_init__(self):
+        if not 0.0 <= self.demo_noise <= 1.0:
+            raise config_lib.ConfigError(f"demo_noise={self.demo_noise}: a fraction of the sort demonstrations, "
+                                         f"expected 0 <= demo_noise <= 1 (0: no flaw)")
+
 
 def main(settings: Settings, overrides: list[str] = ()) -> dict:
     """Run (or resume) every stage; returns {stage: held-out metrics}."""
@@ -119,12 +124,21 @@ class Data:
 
 
 def prepare_data(s: Settings) -> Data:
-    """The three disjoint files (written once; a rerun reuses them)."""
+    """The three disjoint files (written once; a rerun reuses them, and refuses settings that would have
+    written other data: they are kept in data/settings.json)."""
     d = os.path.join(s.out, "data")
     data = Data(*(os.path.join(d, f"{n}.jsonl") for n in ("sft", "rl", "test", "pairs")))
+    wanted = {k: v for k, v in dataclasses.asdict(s).items() if k != "out"}
+    saved = _load(os.path.join(d, "settings.json"))
     if os.path.exists(data.test):
+        changed = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in wanted.items() if k in saved and saved[k] != v]
+        if changed:
+            raise config_lib.ConfigError(f"{s.out} holds a quickstart with other settings ({'; '.join(changed)}); "
+                                         f"rerun with the same ones to resume it, or pass another --out")
         return data
     os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "settings.json"), "w") as f:
+        json.dump(wanted, f, indent=1)
     rows = _user_rows(s.data) if s.data else _toy_rows(s.seed, s.demo_noise)
     rng = random.Random(s.seed)
     rng.shuffle(rows)
@@ -283,6 +297,7 @@ class Evaluator:
 
     def best_of_k(self, policy_dir: str, rm_dir: str) -> dict:
         """Accuracy of the sample the reward model ranks first among the policy's k samples per test prompt."""
+        from polmjax.rl.rollout import per_group
         from polmjax.train.rm import score
 
         policy = from_pretrained(policy_dir, mesh=self.mesh)
@@ -302,10 +317,7 @@ class Evaluator:
         out = {"accuracy": float(picked.mean()), f"pass@{k}": float(correct.any(axis=1).mean()),
                "accuracy_sampled": float(correct.mean()), "prompts": float(len(correct))}
         if self.group_by:
-            labels = np.array([str(p.fields.get(self.group_by)) for p in self.test])
-            for value in sorted(set(labels)):
-                out[f"accuracy/{value}"] = float(picked[labels == value].mean())
-                out[f"pass@{k}/{value}"] = float(correct.any(axis=1)[labels == value].mean())
+            out.update(per_group(self.test, self.group_by, k, picked, correct.any(axis=1)))
         return out
 
 

@@ -29,6 +29,12 @@ def test_test_prompts_are_held_out_of_sft_and_rl(tmp_path):
     assert len(test) == len(set(test)) == 50
     assert not set(test) & (set(_prompts(data.sft)) | set(_prompts(data.rl)))
     assert qs.prepare_data(qs.Settings(out=str(tmp_path), test_prompts=50)) == data  # written once
+    before = {n: os.path.getmtime(getattr(data, n)) for n in ("sft", "rl", "test")}
+    with pytest.raises(config_lib.ConfigError, match=r"demo_noise: 0.6 -> 0.2.*another --out"):
+        qs.prepare_data(qs.Settings(out=str(tmp_path), test_prompts=50, demo_noise=0.2))
+    assert {n: os.path.getmtime(getattr(data, n)) for n in before} == before  # nothing rewritten
+    with pytest.raises(config_lib.ConfigError, match=r"demo_noise=-0.1: .*expected 0 <= demo_noise <= 1"):
+        qs.Settings(demo_noise=-0.1)
 
 
 def test_stage_overrides_and_their_errors(tmp_path):

@@ -100,12 +100,18 @@ class PolicySampler:
         out = {"accuracy": cat(greedy_correct), f"pass@{k}": cat(any_correct), "accuracy_sampled": cat(mean_correct),
                "reward": cat(greedy_reward), "completion_length": cat(lengths), "prompts": float(len(prompts))}
         if group_by:
-            labels = np.array([str(p.fields.get(group_by)) for p in prompts])
-            greedy, any_k = np.concatenate(greedy_correct), np.concatenate(any_correct)
-            for value in sorted(set(labels)):
-                out[f"accuracy/{value}"] = float(greedy[labels == value].mean())
-                out[f"pass@{k}/{value}"] = float(any_k[labels == value].mean())
+            out.update(per_group(prompts, group_by, k, np.concatenate(greedy_correct), np.concatenate(any_correct)))
         return out
+
+
+def per_group(prompts: Sequence[Prompt], field: str, k: int, correct: np.ndarray, any_correct: np.ndarray) -> dict:
+    """`accuracy/<value>` and `pass@k/<value>` for each value of the prompts' `field` ([P] bool arrays in)."""
+    labels = np.array([str(p.fields.get(field)) for p in prompts])
+    out = {}
+    for value in sorted(set(labels)):
+        out[f"accuracy/{value}"] = float(correct[labels == value].mean())
+        out[f"pass@{k}/{value}"] = float(any_correct[labels == value].mean())
+    return out
 
 
 def _module(fn) -> str:
